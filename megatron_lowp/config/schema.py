@@ -1,0 +1,137 @@
+"""The typed recipe schema: one dataclass per YAML section.
+
+Every field is checked when a recipe is loaded (`config/loader.py`): its type from the annotation,
+and its allowed values or range from `field(metadata=...)` via the helpers below. A key that is not
+a field here is an error naming the key, the file and the keys that are allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_lowp.device import DEVICE_TYPES, HPU_MODES
+
+
+def choice(default: Any, *allowed: Any, doc: str = ""):
+    """A field whose value must be one of `allowed`."""
+    return field(default=default, metadata={"choices": tuple(allowed), "doc": doc})
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, doc: str = ""):
+    """A numeric field with an inclusive/exclusive range."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "doc": doc})
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = bounded(1234, ge=0)
+    # auto: resume from the newest complete checkpoint if there is one; never: start fresh
+    # (refuses a run directory that already has results unless overwrite); or a checkpoint path.
+    resume: str = "auto"
+    overwrite: bool = False  # with resume: never, move an existing run directory aside (never deleted)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = choice("llama", "llama")
+    preset: str | None = None  # fills dimensions not set explicitly, from configs/model/<preset>.yaml
+    vocab_size: int | None = bounded(None, ge=2, doc="null: follow the tokenizer")
+    d_model: int = bounded(256, ge=8)
+    n_layers: int = bounded(4, ge=1)
+    n_heads: int = bounded(4, ge=1)
+    n_kv_heads: int | None = bounded(None, ge=1, doc="null: same as n_heads (no grouping)")
+    ffn_hidden_size: int | None = bounded(None, ge=1, doc="null: Llama rule, 8/3 d_model rounded up to multiple_of")
+    multiple_of: int = bounded(256, ge=1)
+    max_seq_len: int = bounded(2048, ge=1)
+    rope_theta: float = bounded(10000.0, gt=0)
+    norm_eps: float = bounded(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = bounded(0.02, gt=0)
+
+
+@dataclass
+class PrecisionConfig:
+    recipe: str = "bf16"  # allowed values: the registered recipes (megatron_lowp.precision)
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", "adamw")
+    lr: float = bounded(3e-4, gt=0)
+    min_lr: float = bounded(3e-5, ge=0, doc="floor of the cosine / wsd decay")
+    weight_decay: float = bounded(0.1, ge=0)
+    beta1: float = bounded(0.9, ge=0, le=1)
+    beta2: float = bounded(0.95, ge=0, le=1)
+    eps: float = bounded(1e-8, gt=0)
+    moments: str = choice("fp32", "fp32", doc="dtype of the Adam moments")
+    schedule: str = choice("cosine", "cosine", "wsd", "constant")
+    warmup_steps: int = bounded(0, ge=0)
+    decay_fraction: float = bounded(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
+
+
+@dataclass
+class DataConfig:
+    # An indexed-dataset prefix (PREFIX.bin / PREFIX.idx) or "embedded" for the shipped corpus.
+    train: str = "embedded"
+    valid: str | None = "embedded"
+    tokenizer: str = "embedded"  # a sentencepiece .model file or "embedded"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = bounded(1000, ge=1)
+    micro_batch_size: int = bounded(8, ge=1)
+    global_batch_size: int = bounded(8, ge=1)
+    seq_len: int = bounded(256, ge=1)
+    grad_clip: float = bounded(1.0, ge=0, doc="0 disables clipping")
+    log_every: int = bounded(10, ge=1)
+    eval_every: int = bounded(100, ge=0, doc="0 disables validation")
+    eval_iters: int = bounded(10, ge=1)
+    checkpoint_every: int = bounded(100, ge=0, doc="0: only at the end of the run")
+    keep_checkpoints: int = bounded(0, ge=0, doc="keep the newest N checkpoints; 0 keeps all")
+    # Stop (with a checkpoint) after this step while the schedule still follows `steps`: for
+    # job time limits, and to test that a resumed run matches an uninterrupted one.
+    stop_at_step: int | None = bounded(None, ge=1)
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = choice("single", "single")
+
+
+@dataclass
+class DeviceConfig:
+    type: str = choice("auto", *DEVICE_TYPES)
+    hpu_mode: str = choice("lazy", *HPU_MODES)
+    deterministic: bool = True  # torch.use_deterministic_algorithms: bit-exact resume
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megatron-lowp"
+    entity: str | None = None
+    mode: str = choice("offline", "online", "offline")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    progress: bool = True  # progress bar on a terminal; plain log lines otherwise
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

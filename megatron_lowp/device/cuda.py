@@ -1,0 +1,57 @@
+"""NVIDIA GPUs: NCCL, BF16 autocast, native FP8 GEMMs from sm89 (Ada/Hopper), FP4 from sm100."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lowp.device.base import Capabilities, Device
+
+
+class CUDADevice(Device):
+    type = "cuda"
+    dist_backend = "nccl"
+
+    def __init__(self, index: int = 0):
+        super().__init__(index)
+        torch.cuda.set_device(index)
+
+    @staticmethod
+    def available() -> bool:
+        return torch.cuda.is_available()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        major, minor = torch.cuda.get_device_capability(self.index)
+        sm = 10 * major + minor
+        dtypes = (torch.bfloat16, torch.float16) if torch.cuda.is_bf16_supported() else (torch.float16,)
+        return Capabilities(
+            autocast_dtypes=dtypes,
+            native_fp8_gemm=sm >= 89,
+            native_fp4_gemm=sm >= 100,
+            fp8_e4m3_max=448.0,
+            name=torch.cuda.get_device_name(self.index),
+        )
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.index)
+
+    def memory_stats(self) -> dict[str, int]:
+        return {
+            "allocated": torch.cuda.memory_allocated(self.index),
+            "peak_allocated": torch.cuda.max_memory_allocated(self.index),
+            "reserved": torch.cuda.memory_reserved(self.index),
+        }
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.index)
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds every CUDA device as well
+
+    def get_rng_state(self) -> dict[str, torch.Tensor]:
+        return {"cpu": torch.get_rng_state(), "device": torch.cuda.get_rng_state(self.index)}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "device" in state:
+            torch.cuda.set_rng_state(state["device"], self.index)

@@ -1,0 +1,6 @@
+"""Optimizers and learning-rate schedules."""
+
+from megatron_lowp.optim.adamw import build_optimizer, param_groups
+from megatron_lowp.optim.schedule import lr_at
+
+__all__ = ["build_optimizer", "lr_at", "param_groups"]

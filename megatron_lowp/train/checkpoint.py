@@ -1,0 +1,180 @@
+"""Atomic, verified checkpoints in torch.distributed.checkpoint (DCP) format.
+
+Layout under `<run>/checkpoints/`:
+    step_<N>/          DCP files (.distcp + .metadata), meta.json (step, data position, config),
+                       manifest.json (size and sha256 of every other file)
+    latest             text file naming the newest complete checkpoint ("step_<N>")
+
+A checkpoint is written to a hidden temporary directory, fsynced, given its manifest, and only then
+renamed to `step_<N>`; `latest` is replaced atomically afterwards. A crash at any moment leaves
+either the old state or the new one, never a half checkpoint under a final name. Loading checks the
+manifest first, so a truncated or altered file is named in the error, with the previous good
+checkpoint offered instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+
+from megatron_lowp.errors import UserError
+from megatron_lowp.train.safe_dcp import SafeFileSystemReader
+
+MANIFEST = "manifest.json"
+META = "meta.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def step_of(path: Path) -> int:
+    match = _STEP_DIR.match(Path(path).name)
+    if not match:
+        raise UserError(f"{path}: not a checkpoint directory (expected a name like step_100)")
+    return int(match.group(1))
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's meta.json after checking every file against the manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{path}: incomplete or not a checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{manifest_path}: corrupted manifest") from None
+    for name, expected in files.items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing from checkpoint")
+        if f.stat().st_size != expected["size"]:
+            raise UserError(f"{f}: truncated or altered ({f.stat().st_size} bytes, manifest says {expected['size']})")
+        if _sha256(f) != expected["sha256"]:
+            raise UserError(f"{f}: contents do not match the manifest checksum (altered or corrupted)")
+    try:
+        return json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path / META}: missing or unreadable") from None
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep: int = 0):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint directories with a manifest, oldest first (contents not yet verified)."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+        return sorted(found, key=step_of)
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names, or the newest complete one if `latest` is missing/stale."""
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            candidate = self.dir / pointer.read_text(encoding="utf-8").strip()
+            if _STEP_DIR.match(candidate.name) and (candidate / MANIFEST).is_file():
+                return candidate
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step_{step}"
+        tmp = self.dir / f".tmp_step_{step}_{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(state, checkpoint_id=tmp)
+        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1), encoding="utf-8")
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a rerun after rollback): keep it until replaced
+            old = self.dir / f".old_step_{step}_{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        write_text_atomic(self.dir / LATEST, final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep <= 0:
+            return
+        for old in self.complete_checkpoints()[: -self.keep]:
+            shutil.rmtree(old)
+
+    def load(self, path: Path, state: dict[str, Any]) -> dict:
+        """Fill `state` (in place) from the checkpoint at `path`; returns its meta.json."""
+        path = Path(path)
+        try:
+            meta = verify(path)
+        except UserError as e:
+            older = [p for p in self.complete_checkpoints() if p != path and step_of(p) < _safe_step(path)]
+            hint = f"; the previous checkpoint is {older[-1]} (resume from it with run.resume={older[-1]})" if older else ""
+            raise UserError(f"{e}{hint}") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.load(state, storage_reader=SafeFileSystemReader(path))
+        except UserError:
+            raise
+        except Exception as e:  # shape/key mismatches surface as DCP's CheckpointException
+            raise UserError(f"{path}: checkpoint does not fit this model/optimizer: {_first_line(e)}") from None
+        return meta
+
+
+def _safe_step(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else 1 << 62
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:500] if text else type(e).__name__

@@ -1,0 +1,227 @@
+"""The training loop: one process, one device (the engines of parallel/ plug in later).
+
+Per optimizer step: set the LR from the schedule, take this step's global batch from the sample
+stream (a pure function of seed and samples consumed, so resume is exact), accumulate gradients
+over micro-batches under the recipe's autocast, clip, step. Host syncs (`.item()`) happen only on
+logging, evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from megatron_lowp import __version__
+from megatron_lowp.config import Config, config_to_dict
+from megatron_lowp.data import PackedTokenDataset, SampleStream, Tokenizer, embedded_dataset_prefix, sequential_batches
+from megatron_lowp.device import Device, get_device
+from megatron_lowp.errors import UserError
+from megatron_lowp.model import build_model, cross_entropy_loss
+from megatron_lowp.optim import build_optimizer, lr_at
+from megatron_lowp.precision import build_recipe
+from megatron_lowp.train.checkpoint import CheckpointManager
+from megatron_lowp.train.metrics import MetricsLog
+from megatron_lowp.train.progress import Progress
+from megatron_lowp.train.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    loss: float
+    val_loss: float | None
+    checkpoint: Path | None
+    seconds: float
+
+
+def resolve_data_prefix(value: str, split: str, key: str) -> str:
+    if value == "embedded":
+        return embedded_dataset_prefix(split)
+    for suffix in (".bin", ".idx"):
+        if not Path(value + suffix).is_file():
+            raise UserError(f"{key}: '{value}' has no {value}{suffix} (expected an indexed dataset prefix or 'embedded')")
+    return value
+
+
+def load_tokenizer(cfg: Config) -> Tokenizer:
+    return Tokenizer.load(cfg.data.tokenizer)
+
+
+def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise UserError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); leave it null to follow the tokenizer"
+        )
+
+
+def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
+    saved = meta.get("config", {}).get("model", {})
+    now = config_to_dict(cfg)["model"]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {now[k]!r}" for k in now
+             if k != "preset" and k in saved and saved[k] != now[k]]
+    if diffs:
+        raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device: Device = get_device(cfg.device.type, hpu_mode=cfg.device.hpu_mode)
+        if cfg.device.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.tokenizer = load_tokenizer(cfg)
+        _resolve_vocab(cfg, self.tokenizer)
+        t = cfg.train
+        self.train_data = PackedTokenDataset(resolve_data_prefix(cfg.data.train, "train", "data.train"), t.seq_len)
+        self.valid_data = None
+        if cfg.data.valid is not None and t.eval_every:
+            self.valid_data = PackedTokenDataset(resolve_data_prefix(cfg.data.valid, "valid", "data.valid"), t.seq_len)
+        self.stream = SampleStream(self.train_data, seed=cfg.run.seed)
+        self.run_dir = prepare_run_dir(cfg)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
+
+        self.recipe = build_recipe(cfg, self.device)
+        self.device.manual_seed(cfg.run.seed)
+        self.model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.consumed_samples = 0
+        self.train_seconds = 0.0  # wall time spent training, summed over resumes
+        resume_from = checkpoint_to_resume(cfg, self.run_dir)
+        if resume_from is not None:
+            self._load(resume_from)
+        write_config(self.run_dir, cfg, self.step)
+
+    # --- state --------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "rng": self.device.get_rng_state()}
+
+    def _load(self, path: Path) -> None:
+        state = self._state()
+        meta = self.checkpoints.load(path, state)
+        _check_compatible(meta, self.cfg, path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.device.set_rng_state(state["rng"])
+        self.step = int(meta["step"])
+        self.consumed_samples = int(meta["consumed_samples"])
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.resumed_from = path
+
+    def save_checkpoint(self) -> Path:
+        meta = {
+            "consumed_samples": self.consumed_samples,
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "version": __version__,
+            "config": config_to_dict(self.cfg),
+        }
+        return self.checkpoints.save(self.step, self._state(), meta)
+
+    @property
+    def tokens(self) -> int:
+        return self.consumed_samples * self.cfg.train.seq_len
+
+    # --- compute ------------------------------------------------------------------------------
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device.torch_device)
+        with self.device.autocast(self.recipe.autocast_dtype):
+            logits = self.model(batch[:, :-1])
+        return cross_entropy_loss(logits, batch[:, 1:])
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next global batch; returns (loss, grad_norm) as tensors."""
+        t, o = self.cfg.train, self.cfg.optim
+        self.step += 1
+        lr = lr_at(self.step, o, t.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size)
+        micro_batches = batch.split(t.micro_batch_size)
+        total = torch.zeros((), device=self.device.torch_device)
+        for micro in micro_batches:
+            loss = self._loss(micro) / len(micro_batches)
+            loss.backward()
+            self.device.mark_step()
+            total += loss.detach()
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.device.mark_step()
+        self.consumed_samples += t.global_batch_size
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        t = self.cfg.train
+        losses = [self._loss(b) for b in sequential_batches(self.valid_data, t.micro_batch_size, t.eval_iters)]
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        last = t.stop_at_step or t.steps
+        metrics = MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
+        progress = Progress(t.steps, self.step, cfg.logging.progress)
+        if self.step:
+            progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
+        loss_value, val_loss, ckpt = float("nan"), None, None
+        window_start, window_tokens = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        train_seconds_before = self.train_seconds
+        try:
+            while self.step < last:
+                loss, grad_norm = self.train_step()
+                window_tokens += t.global_batch_size * t.seq_len
+                progress.update()
+                is_last = self.step == last
+                do_eval = self.valid_data is not None and (self.step % t.eval_every == 0 or is_last)
+                do_log = self.step % t.log_every == 0 or do_eval or is_last
+                if do_log:
+                    self.device.synchronize()
+                    now = time.perf_counter()
+                    loss_value = loss.item()
+                    row = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "loss": loss_value,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": grad_norm.item(),
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "elapsed_s": train_seconds_before + now - run_start,
+                    }
+                    if not math.isfinite(loss_value):
+                        progress.note(f"warning: non-finite loss {loss_value} at step {self.step}")
+                    if do_eval:
+                        val_loss = self.evaluate()
+                        row["val_loss"] = val_loss
+                    row.update({f"mem_{k}": v for k, v in self.device.memory_stats().items()})
+                    metrics.log(row)
+                    progress.show(row)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if is_last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+                    self.train_seconds = train_seconds_before + time.perf_counter() - run_start
+                    ckpt = self.save_checkpoint()
+                    window_start = time.perf_counter()  # saving is not training time
+        finally:
+            progress.close()
+            metrics.close()
+        return TrainResult(self.run_dir, self.step, self.tokens, loss_value, val_loss, ckpt,
+                           train_seconds_before + time.perf_counter() - run_start)
+
+
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).fit()

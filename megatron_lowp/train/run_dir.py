@@ -1,0 +1,54 @@
+"""The run directory: created (or reopened) safely, never deleted, never silently overwritten."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from megatron_lowp.config import Config, dump_config
+from megatron_lowp.errors import UserError
+from megatron_lowp.train.checkpoint import CheckpointManager, write_text_atomic
+
+
+def has_results(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """`<out_dir>/<name>`, created and checked writable; with resume: never, an existing run with
+    results is refused, or moved aside to `<name>.old-<time>` when run.overwrite is true."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if cfg.run.resume == "never" and run_dir.exists() and has_results(run_dir):
+        if not cfg.run.overwrite:
+            raise UserError(
+                f"run.resume: never, but {run_dir} already holds a run; pick another run.name, "
+                "use run.resume=auto to continue it, or run.overwrite=true to move it aside"
+            )
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.out_dir: cannot write the run directory {run_dir} ({e.strerror})") from None
+    return run_dir
+
+
+def checkpoint_to_resume(cfg: Config, run_dir: Path) -> Path | None:
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        return CheckpointManager(run_dir).latest()
+    return Path(cfg.run.resume)
+
+
+def write_config(run_dir: Path, cfg: Config, resumed_step: int) -> None:
+    """config.yaml is what runs now; a differing config from before a resume is kept beside it."""
+    path = run_dir / "config.yaml"
+    text = dump_config(cfg)
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        os.replace(path, run_dir / f"config.before_step_{resumed_step}.yaml")
+    write_text_atomic(path, text)

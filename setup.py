@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-lowp",
+    version="0.1.0",
+    description="LLM pretraining in low precision: BF16 baseline, FP8, FP4 (NVFP4) and nGPT-FP4 recipes",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_lowp", "megatron_lowp.*"]),
+    package_data={"megatron_lowp.data": ["corpus/*"]},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "te": ["transformer-engine[pytorch]"],
+        "hpu": [],  # Gaudi's PyTorch bridge ships with Intel's Gaudi software stack, not PyPI
+        "wandb": ["wandb"],
+        "data": ["datasets"],
+    },
+    entry_points={"console_scripts": ["megatron-lowp=megatron_lowp.cli:main"]},
+)
