@@ -1,0 +1,130 @@
+"""The Llama model: RoPE, grouped-query attention, causality, presets, and the linear factory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lowp.config import load_config
+from megatron_lowp.model import build_model
+from megatron_lowp.model.llama import Llama, apply_rope, ffn_hidden_size, rope_tables
+from megatron_lowp.precision.recipe import PrecisionRecipe
+
+
+def small_cfg(**over):
+    args = ["model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+            "model.n_kv_heads=2", "model.ffn_hidden_size=48", "model.max_seq_len=64", "train.seq_len=32"]
+    args += [f"model.{k}={v}" for k, v in over.items()]
+    return load_config(None, args).model
+
+
+def fp32_recipe():
+    return PrecisionRecipe(name="fp32", autocast_dtype=None)
+
+
+def test_rope_is_a_rotation_with_relative_positions():
+    cos, sin = rope_tables(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 32, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 32, 8)
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # norm preserved
+    dots = (rq[0, 0, :, None, :] * rk[0, 0, None, :, :]).sum(-1)  # dots[m, n] = <q_m, k_n>
+    # the score depends only on m - n: the same offset gives the same dot product
+    assert torch.allclose(dots[5, 2], dots[20, 17], atol=1e-5)
+    assert torch.allclose(dots[3, 3], dots[30, 30], atol=1e-5)
+    assert torch.equal(apply_rope(q, cos, sin)[..., 0, :], q[..., 0, :])  # position 0 is unrotated
+
+
+def reference_attention(model: Llama, x: torch.Tensor) -> torch.Tensor:
+    """The first block's attention written out: explicit K/V head repeat and a masked softmax."""
+    attn, cfg = model.layers[0].attn, model.cfg
+    b, t, _ = x.shape
+    hd = cfg.d_model // cfg.n_heads
+    qkv = x @ attn.qkv.weight.T
+    q, k, v = qkv.split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1)
+    q = q.view(b, t, cfg.n_heads, hd).transpose(1, 2)
+    k = k.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+    v = v.view(b, t, cfg.n_kv_heads, hd).transpose(1, 2).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+    cos, sin = model.rope_cos[:t], model.rope_sin[:t]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
+    y = F.softmax(scores, dim=-1) @ v
+    return y.transpose(1, 2).reshape(b, t, -1) @ attn.out.weight.T
+
+
+def test_gqa_attention_matches_reference():
+    torch.manual_seed(0)
+    model = build_model(small_cfg(), fp32_recipe())
+    x = torch.randn(2, 10, 32)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    assert torch.allclose(model.layers[0].attn(x, cos, sin), reference_attention(model, x), atol=1e-5)
+
+
+def test_causal_and_shapes():
+    torch.manual_seed(0)
+    model = build_model(small_cfg(), fp32_recipe())
+    tokens = torch.randint(0, 97, (2, 12))
+    logits = model(tokens)
+    assert logits.shape == (2, 12, 97)
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 97
+    assert torch.allclose(model(changed)[:, :8], logits[:, :8], atol=1e-6)  # the future never leaks back
+    assert not torch.allclose(model(changed)[:, 8:], logits[:, 8:])
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_every_linear_comes_from_the_factory():
+    names = []
+
+    class Recorder(PrecisionRecipe):
+        def make_linear(self, in_features, out_features, name):
+            names.append(name)
+            return super().make_linear(in_features, out_features, name)
+
+    model = build_model(small_cfg(), Recorder(name="rec", autocast_dtype=None))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(names) == len(linears) == 5 * 2 + 1
+    assert names[:7] == ["layers.0.attn.qkv", "layers.0.attn.out", "layers.0.mlp.gate", "layers.0.mlp.up",
+                         "layers.0.mlp.down", "layers.1.attn.qkv", "layers.1.attn.out"]
+    assert names[-1] == "lm_head"
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build_model(small_cfg(tie_embeddings="true"), fp32_recipe())
+    assert model.lm_head.weight is model.embed.weight
+    untied = build_model(small_cfg(), fp32_recipe())
+    assert model.num_params() == untied.num_params() - 97 * 32
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = small_cfg(d_model=256, n_heads=4, ffn_hidden_size=512, n_layers=8)
+    model = build_model(cfg, fp32_recipe())
+    assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].mlp.down.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        # Llama-2-7B's published parameter count (HF LlamaForCausalLM, 32000 vocabulary, untied)
+        ("7b", 6_738_415_616),
+        # the smaller presets, counted from their dimensions with a 32000 vocabulary
+        ("1b", 2 * 32000 * 2048 + 16 * (2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048) + 2048),
+        ("125m", 2 * 32000 * 768 + 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768),
+    ],
+)
+def test_preset_parameter_counts(preset, expected):
+    cfg = load_config(None, [f"model.preset={preset}", "model.vocab_size=32000"]).model
+    with torch.device("meta"):
+        model = build_model(cfg, fp32_recipe())
+    assert model.num_params() == expected
+
+
+def test_ffn_rule():
+    cfg = load_config(None, ["model.d_model=4096"]).model
+    assert ffn_hidden_size(cfg) == 11008  # Llama-2-7B's MLP width from the 8/3 rule
