@@ -21,12 +21,13 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.train.safe_dcp import SafeFileSystemReader
+from megatron_lowp.train.safe_dcp import SafeFileSystemReader, load_metadata
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -87,6 +88,9 @@ def verify(path: Path) -> dict:
             raise UserError(f"{f}: truncated or altered ({f.stat().st_size} bytes, manifest says {expected['size']})")
         if _sha256(f) != expected["sha256"]:
             raise UserError(f"{f}: contents do not match the manifest checksum (altered or corrupted)")
+    metadata_file = path / ".metadata"
+    if metadata_file.is_file():  # refuse a hostile DCP index before anything unpickles it
+        load_metadata(metadata_file.read_bytes(), str(metadata_file))
     try:
         return json.loads((path / META).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -150,8 +154,11 @@ class CheckpointManager:
         for old in self.complete_checkpoints()[: -self.keep]:
             shutil.rmtree(old)
 
-    def load(self, path: Path, state: dict[str, Any]) -> dict:
-        """Fill `state` (in place) from the checkpoint at `path`; returns its meta.json."""
+    def load(self, path: Path, state: dict[str, Any], check: Callable[[dict], None] | None = None) -> dict:
+        """Fill `state` (in place) from the checkpoint at `path`; returns its meta.json.
+
+        `check(meta)` runs after the integrity check and before any tensor is read, so an
+        incompatible checkpoint is reported in the caller's words rather than as a shape mismatch."""
         path = Path(path)
         try:
             meta = verify(path)
@@ -159,14 +166,15 @@ class CheckpointManager:
             older = [p for p in self.complete_checkpoints() if p != path and step_of(p) < _safe_step(path)]
             hint = f"; the previous checkpoint is {older[-1]} (resume from it with run.resume={older[-1]})" if older else ""
             raise UserError(f"{e}{hint}") from None
+        if check is not None:
+            check(meta)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(state, storage_reader=SafeFileSystemReader(path))
-        except UserError:
-            raise
-        except Exception as e:  # shape/key mismatches surface as DCP's CheckpointException
-            raise UserError(f"{path}: checkpoint does not fit this model/optimizer: {_first_line(e)}") from None
+        # DCP reports shape/key mismatches as CheckpointException, a BaseException
+        except (Exception, CheckpointException) as e:
+            raise UserError(f"{path}: checkpoint does not fit this model/optimizer: {_first_failure(e)}") from None
         return meta
 
 
@@ -175,6 +183,12 @@ def _safe_step(path: Path) -> int:
     return int(match.group(1)) if match else 1 << 62
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:500] if text else type(e).__name__
+def _first_failure(e: BaseException) -> str:
+    """The message of the first per-rank failure inside a CheckpointException, else of `e`."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, traceback frames)
+            e = e[0]
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(e).__name__

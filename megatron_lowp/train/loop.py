@@ -109,8 +109,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = self._state()
-        meta = self.checkpoints.load(path, state)
-        _check_compatible(meta, self.cfg, path)
+        meta = self.checkpoints.load(path, state, check=lambda meta: _check_compatible(meta, self.cfg, path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.device.set_rng_state(state["rng"])
         self.step = int(meta["step"])

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from megatron_lowp.errors import UserError
 
 _DCP_PREFIX = "torch.distributed.checkpoint."
-_ALLOWED_FUNCTIONS = {("torch._utils", "_get_layout")}
+_ALLOWED_FUNCTIONS = {("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout")}
 _ALLOWED_CLASSES = {("torch", "Size"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
                     ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath")}
 
