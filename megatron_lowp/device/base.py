@@ -69,6 +69,10 @@ class Device:
         pass
 
     # --- randomness ---------------------------------------------------------------------------
+    def set_deterministic(self, enabled: bool) -> None:
+        """Deterministic kernels where torch has them (warn, not fail, where it has none)."""
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from megatron_lowp.device.base import Capabilities, Device
@@ -44,6 +46,13 @@ class CUDADevice(Device):
 
     def reset_peak_memory(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.index)
+
+    def set_deterministic(self, enabled: bool) -> None:
+        if enabled:
+            # cuBLAS needs a fixed workspace to give the same bits run to run.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not enabled
+        super().set_deterministic(enabled)
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds every CUDA device as well

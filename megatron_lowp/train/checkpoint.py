@@ -168,6 +168,7 @@ class CheckpointManager:
             raise UserError(f"{e}{hint}") from None
         if check is not None:
             check(meta)
+        _drop_absent_rng_states(path, state)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -176,6 +177,16 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:
             raise UserError(f"{path}: checkpoint does not fit this model/optimizer: {_first_failure(e)}") from None
         return meta
+
+
+def _drop_absent_rng_states(path: Path, state: dict[str, Any]) -> None:
+    """A checkpoint written on another kind of device lacks this device's RNG state (CPU -> GPU):
+    resume with the states it has rather than failing; the device keeps its seeded state."""
+    if "rng" not in state:
+        return
+    metadata = load_metadata((path / ".metadata").read_bytes(), str(path / ".metadata"))
+    for key in [k for k in state["rng"] if f"rng.{k}" not in metadata.state_dict_metadata]:
+        del state["rng"][key]
 
 
 def _safe_step(path: Path) -> int:

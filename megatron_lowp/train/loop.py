@@ -77,8 +77,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device: Device = get_device(cfg.device.type, hpu_mode=cfg.device.hpu_mode)
-        if cfg.device.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device.set_deterministic(cfg.device.deterministic)
         self.tokenizer = load_tokenizer(cfg)
         _resolve_vocab(cfg, self.tokenizer)
         t = cfg.train
@@ -97,6 +96,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.train_seconds = 0.0  # wall time spent training, summed over resumes
+        self.resumed_from: Path | None = None
         resume_from = checkpoint_to_resume(cfg, self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
@@ -175,8 +175,10 @@ class Trainer:
         last = t.stop_at_step or t.steps
         metrics = MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
         progress = Progress(t.steps, self.step, cfg.logging.progress)
-        if self.step:
+        if self.resumed_from is not None:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
+        if self.step >= last:
+            progress.note(f"nothing to do: the run is at step {self.step}, train.steps/stop_at_step is {last}")
         loss_value, val_loss, ckpt = float("nan"), None, None
         window_start, window_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
@@ -212,9 +214,10 @@ class Trainer:
                     progress.show(row)
                     window_start, window_tokens = time.perf_counter(), 0
                 if is_last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
-                    self.train_seconds = train_seconds_before + time.perf_counter() - run_start
+                    save_start = time.perf_counter()
+                    self.train_seconds = train_seconds_before + save_start - run_start
                     ckpt = self.save_checkpoint()
-                    window_start = time.perf_counter()  # saving is not training time
+                    window_start += time.perf_counter() - save_start  # saving is not training time
         finally:
             progress.close()
             metrics.close()

@@ -1,0 +1,67 @@
+"""The command line as a user meets it: one clear line and exit status 2 for every mistake."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lowp.cli import main
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))}
+    return subprocess.run([sys.executable, "-m", "megatron_lowp", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("megatron-lowp: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_recipe(tmp_path):
+    assert_user_error(run_cli("train", str(tmp_path / "nope.yaml")), "nope.yaml: recipe file not found")
+
+
+def test_unknown_key_and_bad_override(repo):
+    assert_user_error(run_cli("train", str(repo / "recipes/quickstart.yaml"), "train.stepz=3"),
+                      "command line: unknown key 'train.stepz'", "did you mean 'train.steps'")
+    assert_user_error(run_cli("config", str(repo / "recipes/quickstart.yaml"), "train.steps"),
+                      "expected section.key=value")
+
+
+def test_missing_data_and_tokenizer_write_nothing(repo, tmp_path):
+    out = tmp_path / "runs"
+    recipe = str(repo / "recipes/quickstart.yaml")
+    assert_user_error(run_cli("train", recipe, f"run.out_dir={out}", f"data.train={tmp_path}/corpus"),
+                      "data.train:", "corpus.bin")
+    assert_user_error(run_cli("train", recipe, f"run.out_dir={out}", f"data.tokenizer={tmp_path}/tok.model"),
+                      "tok.model")
+    assert not out.exists()  # nothing was created for a run that could not start
+
+
+def test_unwritable_run_directory(repo, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file, not a directory")
+    assert_user_error(run_cli("train", str(repo / "recipes/quickstart.yaml"), f"run.out_dir={blocker}"),
+                      "run.out_dir: cannot write the run directory")
+    assert blocker.read_text() == "I am a file, not a directory"
+
+
+def test_config_prints_the_resolved_recipe(repo, capsys):
+    assert main(["config", str(repo / "recipes/quickstart.yaml"), "train.steps=42"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 42" in out and "preset: tiny" in out and "d_model: 256" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "megatron-lowp" in capsys.readouterr().out
