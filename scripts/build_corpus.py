@@ -277,7 +277,7 @@ def main() -> int:
     train_tokenizer(train, args.out / "tokenizer.model")
 
     sp = spm.SentencePieceProcessor(model_file=str(args.out / "tokenizer.model"))
-    lossy = sum(sp.decode(ids) != d["text"] for d, ids in zip(docs, sp.encode([d["text"] for d in docs])))
+    lossy = sum(sp.decode(ids) != d["text"] for d, ids in zip(docs, sp.encode([d["text"] for d in docs]), strict=True))
     if lossy:
         raise SystemExit(f"tokenizer does not round-trip {lossy} documents")
 

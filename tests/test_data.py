@@ -19,11 +19,11 @@ from megatron_lowp.data import (
     Tokenizer,
     best_token_dtype,
     document_split,
+    embedded,
     embedded_dataset_prefix,
     read_corpus,
     sequential_batches,
 )
-from megatron_lowp.data import embedded
 from megatron_lowp.errors import UserError
 
 # ---------------------------------------------------------------- indexed dataset
@@ -87,7 +87,7 @@ def test_round_trip_random_documents(tmp_path: Path) -> None:
     ds = IndexedDataset(tmp_path / "rt")
     assert len(ds) == 5 and ds.num_documents == 5
     assert ds.num_tokens == 323 and ds.dtype == np.uint16
-    for got, want in zip((ds[i] for i in range(len(ds))), docs):
+    for got, want in zip((ds[i] for i in range(len(ds))), docs, strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(ds.tokens, np.concatenate(docs))
     assert isinstance(ds.tokens, np.memmap)

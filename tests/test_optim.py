@@ -25,7 +25,7 @@ def test_cosine_ends_at_min_lr_and_is_half_way_in_the_middle():
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     assert lr_at(55, cfg, 100) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     values = [lr_at(s, cfg, 100) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after warmup
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone after warmup
 
 
 def test_wsd_holds_then_decays_linearly():

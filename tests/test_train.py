@@ -170,10 +170,19 @@ def test_resume_from_an_explicit_checkpoint(repo, tmp_path, reference_run):
     assert losses(result.run_dir) == losses(reference_run.run_dir)[4:]
 
 
+def test_resume_from_another_run_directory_takes_its_newest_checkpoint(repo, tmp_path, reference_run):
+    result = train(small_cfg(repo, tmp_path, "run.name=continued", f"run.resume={reference_run.run_dir}",
+                             "train.steps=10"))
+    assert [r[0] for r in losses(result.run_dir)] == [9, 10]
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+        train(small_cfg(repo, tmp_path, "run.name=other", f"run.resume={tmp_path / 'empty'}"))
+
+
 def test_gradient_accumulation_matches_one_big_batch(repo, tmp_path):
     acc = train(small_cfg(repo, tmp_path, "run.name=acc", "train.steps=2", "optim.warmup_steps=1", "precision.recipe=bf16"))
     big = train(small_cfg(repo, tmp_path, "run.name=big", "train.steps=2", "optim.warmup_steps=1", "train.micro_batch_size=8"))
-    for a, b in zip(losses(acc.run_dir), losses(big.run_dir)):
+    for a, b in zip(losses(acc.run_dir), losses(big.run_dir), strict=True):
         assert a[1] == pytest.approx(b[1], abs=2e-3)  # BF16 autocast: same math, different rounding order
 
 

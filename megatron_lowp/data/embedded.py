@@ -105,5 +105,5 @@ def _tokenize_corpus(folder: Path) -> None:
         writers = {
             s: stack.enter_context(IndexedDatasetWriter(folder / f"embedded_{s}", dtype)) for s in SPLITS
         }
-        for text, ids in zip(texts, tokenizer.encode_many(texts)):
+        for text, ids in zip(texts, tokenizer.encode_many(texts), strict=True):
             writers[document_split(text)].add_document([*ids, tokenizer.eos_id])

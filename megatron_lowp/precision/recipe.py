@@ -12,8 +12,9 @@ picks one, and `available_recipes()` lists the allowed values for config validat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn

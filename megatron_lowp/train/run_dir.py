@@ -42,7 +42,15 @@ def checkpoint_to_resume(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if cfg.run.resume == "auto":
         return CheckpointManager(run_dir).latest()
-    return Path(cfg.run.resume)
+    given = Path(cfg.run.resume)
+    # A run directory (or its checkpoints/ folder) means: its newest complete checkpoint.
+    for candidate_run in (given, given.parent):
+        if (candidate_run / "checkpoints").is_dir() and given.name in (candidate_run.name, "checkpoints"):
+            latest = CheckpointManager(candidate_run).latest()
+            if latest is None:
+                raise UserError(f"run.resume: {given} holds no complete checkpoint")
+            return latest
+    return given
 
 
 def write_config(run_dir: Path, cfg: Config, resumed_step: int) -> None:
