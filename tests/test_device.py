@@ -52,6 +52,19 @@ def test_unknown_and_missing_devices():
     assert DEVICE_TYPES == ("auto", "cpu", "cuda", "hpu")
 
 
+def test_capability_tables():
+    from megatron_lowp.device.cuda import cuda_capabilities
+    from megatron_lowp.device.hpu import hpu_capabilities
+
+    a100, h100, b200 = (cuda_capabilities(cc, True, n) for cc, n in [((8, 0), "A100"), ((9, 0), "H100"), ((10, 0), "B200")])
+    assert (a100.native_fp8_gemm, h100.native_fp8_gemm, b200.native_fp8_gemm) == (False, True, True)
+    assert (a100.native_fp4_gemm, h100.native_fp4_gemm, b200.native_fp4_gemm) == (False, False, True)
+    assert cuda_capabilities((8, 9), True, "L4").native_fp8_gemm  # Ada has FP8 tensor cores
+    assert cuda_capabilities((7, 5), False, "T4").autocast_dtypes == (torch.float16,)
+    assert hpu_capabilities("GAUDI2").fp8_e4m3_max == 240.0
+    assert hpu_capabilities("GAUDI3").fp8_e4m3_max == 448.0
+
+
 # Device names and device-specific APIs may only appear inside megatron_lowp/device/.
 FORBIDDEN = [
     re.compile(r"""["']cuda(:\d+)?["']"""),

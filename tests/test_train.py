@@ -179,6 +179,13 @@ def test_resume_from_another_run_directory_takes_its_newest_checkpoint(repo, tmp
         train(small_cfg(repo, tmp_path, "run.name=other", f"run.resume={tmp_path / 'empty'}"))
 
 
+def test_single_engine_refuses_a_multi_process_launch(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="parallel.engine: 'single' trains in one process.*WORLD_SIZE=2"):
+        train(small_cfg(repo, tmp_path, "run.name=multi"))
+    assert not (tmp_path / "multi").exists()
+
+
 def test_gradient_accumulation_matches_one_big_batch(repo, tmp_path):
     acc = train(small_cfg(repo, tmp_path, "run.name=acc", "train.steps=2", "optim.warmup_steps=1", "precision.recipe=bf16"))
     big = train(small_cfg(repo, tmp_path, "run.name=big", "train.steps=2", "optim.warmup_steps=1", "train.micro_batch_size=8"))
@@ -194,3 +201,44 @@ def test_wandb_offline_and_tensorboard(repo, tmp_path):
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     offline = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(repo, tmp_path):
+    """SIGKILL the trainer (a real process) while it trains and checkpoints every step; after each
+    kill the newest checkpoint verifies, and the finished run's numbers equal an uninterrupted one."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_lowp.train.checkpoint import CheckpointManager, verify
+
+    extra = ["train.steps=16", "train.checkpoint_every=1"]
+    reference = train(small_cfg(repo, tmp_path / "reference", "run.name=ref", *extra))
+    args = [sys.executable, "-m", "megatron_lowp", "train", str(repo / "recipes/quickstart.yaml"), *SMALL, *extra,
+            f"run.out_dir={tmp_path / 'killed'}", "run.name=run"]
+    run_dir = tmp_path / "killed" / "run"
+    rng = random.Random(0)
+    kills = 0
+    for _attempt in range(8):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+        start_rows = len(read_metrics(run_dir / "metrics.jsonl"))
+        deadline = time.time() + 120
+        while proc.poll() is None and len(read_metrics(run_dir / "metrics.jsonl")) <= start_rows and time.time() < deadline:
+            time.sleep(0.01)  # wait until this attempt is really training
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None and kills < 4:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            latest = CheckpointManager(run_dir).latest()
+            if latest is not None:
+                verify(latest)  # whatever moment the kill hit, the published checkpoint is whole
+            continue
+        assert proc.wait() == 0, proc.stderr.read().decode()
+        break
+    assert kills == 4
+    assert losses(run_dir) == losses(reference.run_dir)
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # interrupted saves were cleaned up

@@ -9,6 +9,19 @@ import torch
 from megatron_lowp.device.base import Capabilities, Device
 
 
+def cuda_capabilities(compute_capability: tuple[int, int], bf16: bool, name: str) -> Capabilities:
+    """FP8 tensor cores arrived with sm89 (Ada) / sm90 (Hopper); FP4 (NVFP4/MX) with sm100 (Blackwell)."""
+    major, minor = compute_capability
+    sm = 10 * major + minor
+    return Capabilities(
+        autocast_dtypes=(torch.bfloat16, torch.float16) if bf16 else (torch.float16,),
+        native_fp8_gemm=sm >= 89,
+        native_fp4_gemm=sm >= 100,
+        fp8_e4m3_max=448.0,
+        name=name,
+    )
+
+
 class CUDADevice(Device):
     type = "cuda"
     dist_backend = "nccl"
@@ -23,15 +36,10 @@ class CUDADevice(Device):
 
     @property
     def capabilities(self) -> Capabilities:
-        major, minor = torch.cuda.get_device_capability(self.index)
-        sm = 10 * major + minor
-        dtypes = (torch.bfloat16, torch.float16) if torch.cuda.is_bf16_supported() else (torch.float16,)
-        return Capabilities(
-            autocast_dtypes=dtypes,
-            native_fp8_gemm=sm >= 89,
-            native_fp4_gemm=sm >= 100,
-            fp8_e4m3_max=448.0,
-            name=torch.cuda.get_device_name(self.index),
+        return cuda_capabilities(
+            torch.cuda.get_device_capability(self.index),
+            torch.cuda.is_bf16_supported(),
+            torch.cuda.get_device_name(self.index),
         )
 
     def synchronize(self) -> None:

@@ -44,6 +44,17 @@ def hpu_available() -> bool:
     return bool(torch.hpu.is_available()) if hasattr(torch, "hpu") else False
 
 
+def hpu_capabilities(name: str) -> Capabilities:
+    """Gaudi2's FP8 E4M3 follows IEEE conventions (max 240); Gaudi3 has the OCP E4M3FN (max 448)."""
+    return Capabilities(
+        autocast_dtypes=(torch.bfloat16,),
+        native_fp8_gemm=True,  # Gaudi2 and later
+        native_fp4_gemm=False,
+        fp8_e4m3_max=240.0 if "GAUDI2" in name.upper() else 448.0,
+        name=name,
+    )
+
+
 class HPUDevice(Device):
     type = "hpu"
     dist_backend = "hccl"
@@ -55,14 +66,7 @@ class HPUDevice(Device):
 
     @property
     def capabilities(self) -> Capabilities:
-        name = self._hpu.get_device_name(self.index)
-        return Capabilities(
-            autocast_dtypes=(torch.bfloat16,),
-            native_fp8_gemm=True,  # Gaudi2 and later
-            native_fp4_gemm=False,
-            fp8_e4m3_max=240.0 if "GAUDI2" in name.upper() else 448.0,
-            name=name,
-        )
+        return hpu_capabilities(self._hpu.get_device_name(self.index))
 
     def synchronize(self) -> None:
         self._hpu.synchronize()

@@ -122,10 +122,9 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         final = self.dir / f"step_{step}"
         tmp = self.dir / f".tmp_step_{step}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save(state, checkpoint_id=tmp)
@@ -148,6 +147,11 @@ class CheckpointManager:
         write_text_atomic(self.dir / LATEST, final.name + "\n")
         self._prune()
         return final
+
+    def _remove_leftovers(self) -> None:
+        """Temporary directories of saves that a crash interrupted: never complete, never read."""
+        for leftover in self.dir.glob(".tmp_step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _prune(self) -> None:
         if self.keep <= 0:

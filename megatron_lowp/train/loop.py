@@ -9,6 +9,7 @@ logging, evaluation and checkpoint steps.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,19 @@ def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
         raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
 
 
+def _check_single_process(cfg: Config) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.parallel.engine == "single":
+        raise UserError(
+            f"parallel.engine: 'single' trains in one process, but this job has WORLD_SIZE={world} "
+            "(torchrun/srun started several); run it as one process"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        _check_single_process(cfg)
         self.device: Device = get_device(cfg.device.type, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
         self.tokenizer = load_tokenizer(cfg)
