@@ -51,10 +51,6 @@ def resolve_data_prefix(value: str, split: str, key: str) -> str:
     return value
 
 
-def load_tokenizer(cfg: Config) -> Tokenizer:
-    return Tokenizer.load(cfg.data.tokenizer)
-
-
 def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -65,11 +61,16 @@ def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
         )
 
 
+# Model keys that decide parameter shapes; the others (rope_theta, max_seq_len, ...) may change on resume.
+SHAPE_KEYS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_size",
+              "multiple_of", "tie_embeddings")
+
+
 def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     saved = meta.get("config", {}).get("model", {})
     now = config_to_dict(cfg)["model"]
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {now[k]!r}" for k in now
-             if k != "preset" and k in saved and saved[k] != now[k]]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {now[k]!r}" for k in SHAPE_KEYS
+             if k in saved and saved[k] != now[k]]
     if diffs:
         raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
 
@@ -89,7 +90,7 @@ class Trainer:
         _check_single_process(cfg)
         self.device: Device = get_device(cfg.device.type, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
-        self.tokenizer = load_tokenizer(cfg)
+        self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         _resolve_vocab(cfg, self.tokenizer)
         t = cfg.train
         self.train_data = PackedTokenDataset(resolve_data_prefix(cfg.data.train, "train", "data.train"), t.seq_len)
@@ -106,6 +107,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.consumed_samples = 0
+        self.tokens = 0  # trained tokens; kept separately since seq_len may change on resume
         self.train_seconds = 0.0  # wall time spent training, summed over resumes
         self.resumed_from: Path | None = None
         resume_from = checkpoint_to_resume(cfg, self.run_dir)
@@ -125,6 +127,7 @@ class Trainer:
         self.device.set_rng_state(state["rng"])
         self.step = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
+        self.tokens = int(meta["tokens"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.resumed_from = path
 
@@ -137,10 +140,6 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
         return self.checkpoints.save(self.step, self._state(), meta)
-
-    @property
-    def tokens(self) -> int:
-        return self.consumed_samples * self.cfg.train.seq_len
 
     # --- compute ------------------------------------------------------------------------------
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -170,6 +169,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.device.mark_step()
         self.consumed_samples += t.global_batch_size
+        self.tokens += t.global_batch_size * t.seq_len
         return total, grad_norm
 
     @torch.no_grad()
