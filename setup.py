@@ -14,6 +14,7 @@ setup(
     package_data={"megatron_lowp.data": ["corpus/*"]},
     install_requires=[
         "torch>=2.5",
+        "matplotlib",
         "numpy",
         "pyyaml",
         "sentencepiece",

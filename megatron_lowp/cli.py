@@ -23,15 +23,20 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    from megatron_lowp.eval import plot_loss
     from megatron_lowp.train import train
+    from megatron_lowp.train.metrics import read_metrics
 
     cfg = _load(args)
     result = train(cfg)
+    plot = plot_loss({cfg.run.name: read_metrics(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
+                     title=f"{cfg.run.name} ({cfg.precision.recipe})")
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(
         f"done: step {result.step}, {result.tokens:,} tokens, loss {result.loss:.4f}{val}, "
         f"{result.seconds:.0f} s; run directory {result.run_dir}"
         + (f"; checkpoint {result.checkpoint}" if result.checkpoint else "")
+        + f"; loss curve {plot}"
     )
     return 0
 
@@ -44,7 +49,10 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_lowp import __version__
+
     parser = argparse.ArgumentParser(prog="megatron-lowp", description="LLM pretraining in low precision.")
+    parser.add_argument("--version", action="version", version=f"megatron-lowp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in [
         ("train", cmd_train, "train from a YAML recipe (resumes automatically)"),

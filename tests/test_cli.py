@@ -65,3 +65,21 @@ def test_help(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "megatron-lowp" in capsys.readouterr().out
+
+
+def test_train_command_end_to_end(repo, tmp_path, capsys):
+    small = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
+             "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6",
+             "optim.warmup_steps=1", "train.log_every=2", "train.eval_every=3", "train.eval_iters=2",
+             "logging.progress=false", f"run.out_dir={tmp_path}", "run.name=cli"]
+    assert main(["train", str(repo / "recipes/quickstart.yaml"), *small]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6 | loss" in out and "done: step 6, 1,536 tokens" in out
+    run_dir = tmp_path / "cli"
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "checkpoints" / "step_6" / "manifest.json").is_file()
+    # running it again resumes: nothing left to do, the same summary from the logged numbers
+    assert main(["train", str(repo / "recipes/quickstart.yaml"), *small]) == 0
+    again = capsys.readouterr().out
+    summary = out.splitlines()[-1].split(", ")[:4]  # step, tokens, loss, val_loss (not the seconds)
+    assert "nothing to do" in again and again.splitlines()[-1].split(", ")[:4] == summary

@@ -190,7 +190,10 @@ class Trainer:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
         if self.step >= last:
             progress.note(f"nothing to do: the run is at step {self.step}, train.steps/stop_at_step is {last}")
-        loss_value, val_loss, ckpt = float("nan"), None, None
+        earlier = metrics.earlier_rows
+        loss_value = next((r["loss"] for r in reversed(earlier) if "loss" in r), float("nan"))
+        val_loss = next((r["val_loss"] for r in reversed(earlier) if "val_loss" in r), None)
+        ckpt = None
         window_start, window_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
         train_seconds_before = self.train_seconds

@@ -35,6 +35,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resumed_step: int, cfg: LoggingConfig, run_name: str, config: dict):
         self.path = Path(run_dir) / "metrics.jsonl"
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
+        self.earlier_rows = kept  # what the run logged before this resume
         if self.path.exists():
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
