@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
@@ -15,10 +17,8 @@ def build_model(cfg: ModelConfig, recipe: PrecisionRecipe) -> nn.Module:
     return ARCHS[cfg.arch](cfg, recipe.make_linear)
 
 
-def cross_entropy_loss(logits, targets):
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy, computed in FP32 whatever the logits' dtype."""
-    import torch.nn.functional as F
-
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
