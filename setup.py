@@ -21,7 +21,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb"],
+        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb", "torchao"],  # torchao: independent test reference for MX/NVFP4
         "deepspeed": ["deepspeed>=0.15"],
         "te": ["transformer-engine[pytorch]"],
         "hpu": [],  # Gaudi's PyTorch bridge ships with Intel's Gaudi software stack, not PyPI

@@ -1,0 +1,36 @@
+"""Number formats as pure tensor functions: FP8 E4M3/E5M2, E2M1, E8M0, NVFP4, MXFP4/MXFP8.
+
+The bottom of the house: imports nothing of megatron_lowp but ``errors``, knows no device names.
+Entry points: ``fake_quantize``, ``quantize`` / ``QuantizedTensor.dequantize``, ``FORMATS``;
+``SRGenerator`` for reproducible stochastic rounding; scales and ``AmaxHistory`` for FP8.
+See docs/numerics.md for every formula.
+"""
+
+from megatron_lowp.numerics.formats import E2M1, E4M3, E4M3_GAUDI2, E5M2, FloatFormat, e8m0_decode, e8m0_encode
+from megatron_lowp.numerics.quantize import FORMATS, FormatSpec, QuantizedTensor, dequantize, fake_quantize, quantize
+from megatron_lowp.numerics.rounding import ROUNDING_MODES, round_to_format
+from megatron_lowp.numerics.scaling import AmaxHistory, amax, scale_from_amax
+from megatron_lowp.numerics.sr_random import SRGenerator, default_generator
+
+__all__ = [
+    "E2M1",
+    "E4M3",
+    "E4M3_GAUDI2",
+    "E5M2",
+    "FORMATS",
+    "ROUNDING_MODES",
+    "AmaxHistory",
+    "FloatFormat",
+    "FormatSpec",
+    "QuantizedTensor",
+    "SRGenerator",
+    "amax",
+    "default_generator",
+    "dequantize",
+    "e8m0_decode",
+    "e8m0_encode",
+    "fake_quantize",
+    "quantize",
+    "round_to_format",
+    "scale_from_amax",
+]
