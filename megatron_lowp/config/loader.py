@@ -139,7 +139,7 @@ def _describe_allowed(f: dataclasses.Field, tp: Any, extra: dict[str, tuple], do
     meta = f.metadata
     choices = extra.get(dotted, meta.get("choices"))
     if choices:
-        return "one of " + ", ".join(str(c) for c in choices)
+        return "one of " + ", ".join("null" if c is None else str(c) for c in choices)
     bounds = [f">= {meta['ge']}" if meta.get("ge") is not None else "",
               f"> {meta['gt']}" if meta.get("gt") is not None else "",
               f"<= {meta['le']}" if meta.get("le") is not None else ""]
@@ -149,6 +149,8 @@ def _describe_allowed(f: dataclasses.Field, tp: Any, extra: dict[str, tuple], do
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list (each {_type_name(typing.get_args(tp)[0])})"
     names = []
     for t in _type_options(tp):
         names.append("null" if t is type(None) else {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, getattr(t, "__name__", str(t))))
@@ -164,6 +166,10 @@ def _type_options(tp: Any) -> tuple:
 def _coerce(value: Any, tp: Any) -> Any:
     """The value as type `tp`, or raise ValueError. Ints are accepted for floats, and so are
     strings like '3e-4' (YAML 1.1 reads a float without a dot as a string)."""
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list, got {type(value).__name__}")
+        return [_coerce(item, typing.get_args(tp)[0]) for item in value]
     options = _type_options(tp)
     if value is None:
         if type(None) in options:

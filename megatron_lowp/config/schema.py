@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_lowp.device import DEVICE_TYPES, HPU_MODES
+from megatron_lowp.numerics import FORMATS, ROUNDING_MODES
 
 
 def choice(default: Any, *allowed: Any, doc: str = ""):
@@ -53,8 +54,34 @@ class ModelConfig:
 
 
 @dataclass
+class RoleConfig:
+    """How one GEMM operand role is quantized (see megatron_lowp/precision/spec.py); format null = high precision."""
+
+    format: str | None = choice(None, None, *FORMATS)
+    rounding: str = choice("nearest", *ROUNDING_MODES)
+    scaling: str = choice("tensor", "tensor", "channel", doc="fp8: one scale per tensor or per row")
+    power_of_two: bool = False  # fp8: round the scale down to a power of two (the FP8 paper)
+    tensor_scale: str = choice("amax", "amax", "fixed", "off", doc="nvfp4: the FP32 second-level scale")
+    tensor_amax: float | None = bounded(None, gt=0, doc="nvfp4 with tensor_scale: fixed")
+    scale_rounding: str = choice("decode", "decode", "encode", doc="nvfp4: TE/hardware or FP4-paper convention")
+    tile: bool = False  # nvfp4: 16x16 tiles (2-D weights) instead of 1x16 blocks
+
+
+@dataclass
 class PrecisionConfig:
     recipe: str = "bf16"  # allowed values: the registered recipes (megatron_lowp.precision)
+    # Per-role specs, used by recipe: custom (named recipes bring their own).
+    x: RoleConfig = field(default_factory=RoleConfig)
+    w: RoleConfig = field(default_factory=RoleConfig)
+    dy: RoleConfig = field(default_factory=RoleConfig)
+    w_t: RoleConfig = field(default_factory=RoleConfig)
+    dy_t: RoleConfig = field(default_factory=RoleConfig)
+    x_t: RoleConfig = field(default_factory=RoleConfig)
+    # Linears kept in high precision, by glob over their names ("layers.0.*", "*.attn.out", "lm_head");
+    # the embedding is not a linear and always stays high precision.
+    high_precision: list[str] = field(default_factory=lambda: ["lm_head"])
+    high_precision_first_blocks: int = bounded(0, ge=0)
+    high_precision_last_blocks: int = bounded(0, ge=0)
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """Precision: recipes (GEMM role -> format) and the linear factory the model builds layers with."""
 
 from megatron_lowp.precision import bf16 as _bf16  # noqa: F401  (registers the recipe)
+from megatron_lowp.precision import quantized as _quantized  # noqa: F401  (registers "custom")
+from megatron_lowp.precision.quantized import QuantizedRecipe, role_spec
+from megatron_lowp.precision.quantized_linear import QuantizedLinear, QuantizedLinearFunction
 from megatron_lowp.precision.recipe import (
     LinearFactory,
     PrecisionRecipe,
@@ -8,5 +11,9 @@ from megatron_lowp.precision.recipe import (
     build_recipe,
     register_recipe,
 )
+from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
 
-__all__ = ["LinearFactory", "PrecisionRecipe", "available_recipes", "build_recipe", "register_recipe"]
+__all__ = [
+    "ROLES", "ROLE_AXIS", "GemmSpecs", "LinearFactory", "PrecisionRecipe", "QuantSpec", "QuantizedLinear",
+    "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "register_recipe", "role_spec",
+]

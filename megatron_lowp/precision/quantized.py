@@ -1,0 +1,76 @@
+"""Quantized recipes: every linear a QuantizedLinear with the recipe's GemmSpecs, except the ones
+kept in high precision (by glob over layer names, or the first/last N transformer blocks).
+
+`recipe: custom` builds its GemmSpecs from the YAML's per-role sections (precision.x, .w, .dy, .w_t,
+.dy_t, .x_t); the named paper recipes (fp8, fp4, ...) register their own specs on top of this class.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megatron_lowp.config.schema import RoleConfig
+from megatron_lowp.precision.quantized_linear import QuantizedLinear
+from megatron_lowp.precision.recipe import PrecisionRecipe, register_recipe
+from megatron_lowp.precision.spec import ROLES, GemmSpecs, QuantSpec
+
+_BLOCK_INDEX = re.compile(r"^layers\.(\d+)\.")
+
+
+def role_spec(role: RoleConfig) -> QuantSpec | None:
+    """The QuantSpec a role section describes, with only the options its format understands."""
+    if role.format is None:
+        return None
+    options: dict = {}
+    if role.format.startswith("fp8"):
+        options = {"scaling": role.scaling, "power_of_two": role.power_of_two}
+    elif role.format == "nvfp4":
+        options = {"tensor_scale": role.tensor_scale, "scale_rounding": role.scale_rounding, "tile": role.tile}
+        if role.tensor_scale == "fixed":
+            options["tensor_amax"] = role.tensor_amax if role.tensor_amax is not None else 1.0
+    return QuantSpec(role.format, role.rounding, tuple(sorted(options.items())))
+
+
+@dataclass
+class QuantizedRecipe(PrecisionRecipe):
+    specs: GemmSpecs = field(default_factory=GemmSpecs)
+    high_precision: tuple[str, ...] = ("lm_head",)
+    first_blocks: int = 0
+    last_blocks: int = 0
+    n_layers: int = 0
+    seed: int = 0
+
+    def keeps_high_precision(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.high_precision):
+            return True
+        match = _BLOCK_INDEX.match(name)
+        if match:
+            block = int(match.group(1))
+            return block < self.first_blocks or block >= self.n_layers - self.last_blocks
+        return False
+
+    def make_linear(self, in_features: int, out_features: int, name: str) -> nn.Module:
+        if self.keeps_high_precision(name) or not self.specs.quantizes_anything:
+            return super().make_linear(in_features, out_features, name)
+        return QuantizedLinear(in_features, out_features, self.specs, name=name, seed=self.seed)
+
+
+def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecipe:
+    p = cfg.precision
+    dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
+    return QuantizedRecipe(
+        name=name, autocast_dtype=dtype, specs=specs, high_precision=tuple(p.high_precision),
+        first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
+        n_layers=cfg.model.n_layers, seed=cfg.run.seed,
+    )
+
+
+@register_recipe("custom")
+def custom_recipe(cfg, device) -> QuantizedRecipe:
+    specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role)) for role in ROLES})
+    return quantized_recipe(cfg, device, "custom", specs)

@@ -1,0 +1,98 @@
+"""The quantized linear: fprop, dgrad and wgrad, each operand quantized per its role's QuantSpec.
+
+Emulated GEMMs: operands are quantized and dequantized (numerics.fake_quantize), then multiplied in
+the compute dtype (the autocast dtype, else the input's). This is the reference backend; it runs on
+every device and gives the same quantization bits everywhere.
+
+Memory: forward quantizes the operands backward will need (`w_t` along out_features, `x_t` along
+tokens) and saves them *packed* (QuantizedTensor: 4 or 8 bits per value plus scales), not the
+high-precision tensors. A role left in high precision saves the original tensor instead (the weight
+is a parameter and costs nothing extra).
+
+Stochastic rounding draws from the layer's own SRGenerator, whose (seed, offset) is part of the
+module's state_dict (as `sr_state`), so a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from megatron_lowp.numerics import QuantizedTensor, SRGenerator
+from megatron_lowp.precision.spec import ROLE_AXIS, GemmSpecs, QuantSpec
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
+def _quantize_for_backward(t: torch.Tensor, spec: QuantSpec | None, role: str, gen: SRGenerator):
+    """A packed QuantizedTensor to save, or the tensor itself for a high-precision role."""
+    return t if spec is None else spec.quantize(t, ROLE_AXIS[role], gen)
+
+
+def _restore(saved, dtype: torch.dtype) -> torch.Tensor:
+    return saved.dequantize(dtype) if isinstance(saved, QuantizedTensor) else saved.to(dtype)
+
+
+def _operand(t: torch.Tensor, spec: QuantSpec | None, role: str, gen: SRGenerator, dtype: torch.dtype):
+    return (t if spec is None else spec.fake_quantize(t, ROLE_AXIS[role], gen)).to(dtype)
+
+
+class QuantizedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, specs: GemmSpecs, gen: SRGenerator) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            y = _operand(x2, specs.x, "x", gen, dtype) @ _operand(weight, specs.w, "w", gen, dtype).t()
+            ctx.saved_x = _quantize_for_backward(x2.detach(), specs.x_t, "x_t", gen)
+            ctx.saved_w = _quantize_for_backward(weight.detach(), specs.w_t, "w_t", gen)
+        ctx.specs, ctx.gen, ctx.dtype = specs, gen, dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        specs, gen, dtype = ctx.specs, ctx.gen, ctx.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        with torch.autocast(dy.device.type, enabled=False):
+            dx = _operand(dy2, specs.dy, "dy", gen, dtype) @ _restore(ctx.saved_w, dtype)
+            dw = _operand(dy2, specs.dy_t, "dy_t", gen, dtype).t() @ _restore(ctx.saved_x, dtype)
+        ctx.saved_x = ctx.saved_w = None
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+
+
+def layer_seed(name: str, base_seed: int = 0) -> int:
+    """A stable per-layer SR seed from the layer's name (and the run seed): < 2^63 to fit int64."""
+    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class QuantizedLinear(nn.Module):
+    """Bias-free linear whose three GEMMs follow `specs`; a drop-in for nn.Linear(bias=False)."""
+
+    def __init__(self, in_features: int, out_features: int, specs: GemmSpecs, name: str = "", seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.specs, self.name = in_features, out_features, specs, name
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        self.sr = SRGenerator(seed=layer_seed(name, seed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QuantizedLinearFunction.apply(x, self.weight, self.specs, self.sr)
+
+    # The SR stream position travels with the weights (state_dict -> checkpoint -> resume).
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.sr.seed, self.sr.offset], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.sr.load_state_dict({"seed": int(state[0]), "offset": int(state[1])})
+
+    def extra_repr(self) -> str:
+        roles = ", ".join(f"{r}={getattr(self.specs, r).fmt}" for r in ROLE_AXIS if getattr(self.specs, r) is not None)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {roles or 'high precision'}"

@@ -1,0 +1,131 @@
+"""The quantized linear (fprop/dgrad/wgrad per role) and the custom recipe built from YAML roles."""
+
+import pytest
+import torch
+from torch import nn
+
+from megatron_lowp.config import load_config
+from megatron_lowp.device import get_device
+from megatron_lowp.model import build_model
+from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
+from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec, build_recipe, role_spec
+from megatron_lowp.train import train
+from megatron_lowp.train.metrics import read_metrics
+
+NV = QuantSpec("nvfp4")
+NV_SR = QuantSpec("nvfp4", "stochastic")
+E4 = QuantSpec("fp8_e4m3")
+E5_SR = QuantSpec("fp8_e5m2", "stochastic")
+
+
+def pair(specs, seed=0):
+    torch.manual_seed(seed)
+    layer = QuantizedLinear(64, 32, specs, name="layers.0.mlp.up")
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    return layer, x
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_high_precision_roles_equal_nn_linear_bit_for_bit(autocast):
+    layer, x = pair(GemmSpecs())
+    ref = nn.Linear(64, 32, bias=False)
+    ref.weight.data.copy_(layer.weight.data)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, y_ref = layer(x), ref(x_ref)
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    (y.float() ** 2).sum().backward()
+    (y_ref.float() ** 2).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("specs", [
+    GemmSpecs(x=NV, w=NV, dy=NV_SR, w_t=NV, dy_t=NV_SR, x_t=NV_SR),  # FP4 all the way (training)
+    GemmSpecs(x=E4, w=E4, dy=E5_SR, w_t=QuantSpec("fp8_e5m2"), dy_t=E5_SR, x_t=QuantSpec("fp8_e5m2")),  # FP8 paper
+    GemmSpecs(x=QuantSpec("mxfp4"), w=QuantSpec("mxfp8"), dy_t=QuantSpec("mxfp8", "stochastic")),
+])
+def test_gemms_equal_the_fake_quantized_expressions(specs):
+    """fprop/dgrad/wgrad written out with fake_quantize, drawing SR noise in the layer's order."""
+    layer, x = pair(specs)
+    dy = torch.randn(2, 16, 32)
+    y = layer(x)
+    y.backward(dy)
+
+    gen = SRGenerator(layer.sr.seed)
+    fq = lambda t, spec, axis: t if spec is None else fake_quantize(  # noqa: E731
+        t, spec.fmt, rounding=spec.rounding, axis=axis, generator=gen, **spec.kwargs())
+    x2, w, dy2 = x.detach().reshape(32, 64), layer.weight.detach(), dy.reshape(32, 32)
+    y_ref = fq(x2, specs.x, -1) @ fq(w, specs.w, -1).t()
+    x_t, w_t = fq(x2, specs.x_t, 0), fq(w, specs.w_t, 0)
+    dx_ref = fq(dy2, specs.dy, -1) @ w_t
+    dw_ref = fq(dy2, specs.dy_t, 0).t() @ x_t
+    assert torch.equal(y.reshape(32, 32), y_ref)
+    assert torch.equal(x.grad.reshape(32, 64), dx_ref)
+    assert torch.equal(layer.weight.grad, dw_ref)
+    assert layer.sr.offset == gen.offset  # the layer consumed exactly the noise the reference did
+
+
+def test_backward_saves_packed_operands_along_their_contraction_axes():
+    layer, x = pair(GemmSpecs(x=NV, w=NV, dy=NV, w_t=NV, dy_t=NV, x_t=NV_SR))
+    y = layer(x)
+    saved_x, saved_w = y.grad_fn.saved_x, y.grad_fn.saved_w
+    assert isinstance(saved_x, QuantizedTensor) and isinstance(saved_w, QuantizedTensor)
+    assert saved_x.data.dtype == torch.uint8 and saved_x.data.numel() == 32 * 64 // 2  # 4 bits per value
+    assert saved_x.axis % 2 == 0 and saved_w.axis % 2 == 0  # x_t blocks along tokens, w_t along out_features
+    y.sum().backward()
+    assert y.grad_fn.saved_x is None  # freed after backward
+
+
+def test_sr_stream_is_in_the_state_dict():
+    layer, x = pair(GemmSpecs(dy=NV_SR))
+    layer(x).sum().backward()
+    state = layer.state_dict()
+    other = QuantizedLinear(64, 32, GemmSpecs(dy=NV_SR), name="other")
+    other.load_state_dict(state)
+    assert (other.sr.seed, other.sr.offset) == (layer.sr.seed, layer.sr.offset) and layer.sr.offset == 32 * 32
+
+
+def small_model_cfg(*overrides):
+    return load_config(None, ["model.vocab_size=64", "model.d_model=32", "model.n_layers=4", "model.n_heads=2",
+                              "model.ffn_hidden_size=64", "model.max_seq_len=32", "train.seq_len=32", *overrides])
+
+
+def test_high_precision_layers_by_glob_and_by_block():
+    cfg = small_model_cfg("precision.recipe=custom", "precision.x.format=nvfp4", "precision.w.format=nvfp4",
+                          "precision.high_precision=[lm_head, '*.attn.out']", "precision.high_precision_first_blocks=1",
+                          "precision.high_precision_last_blocks=1")
+    model = build_model(cfg.model, build_recipe(cfg, get_device("cpu")))
+    quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    assert quantized == [f"layers.{i}.{p}" for i in (1, 2) for p in ("attn.qkv", "mlp.down", "mlp.gate", "mlp.up")]
+    assert type(model.lm_head) is nn.Linear and type(model.layers[0].mlp.up) is nn.Linear
+
+
+def test_role_sections_from_yaml():
+    cfg = small_model_cfg("precision.dy.format=nvfp4", "precision.dy.rounding=stochastic",
+                          "precision.dy.tensor_scale=fixed", "precision.dy.tensor_amax=2.0",
+                          "precision.x.format=fp8_e4m3", "precision.x.power_of_two=true")
+    assert role_spec(cfg.precision.dy) == QuantSpec(
+        "nvfp4", "stochastic", (("scale_rounding", "decode"), ("tensor_amax", 2.0), ("tensor_scale", "fixed"), ("tile", False)))
+    assert role_spec(cfg.precision.x).kwargs() == {"scaling": "tensor", "power_of_two": True}
+    assert role_spec(cfg.precision.w) is None
+
+
+def test_quantized_training_resumes_bit_identically(repo, tmp_path):
+    """NVFP4 all the way with stochastic rounding: the SR streams travel in the checkpoint."""
+    args = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.ffn_hidden_size=128", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_iters=1",
+            "train.checkpoint_every=3", "logging.progress=false", f"run.out_dir={tmp_path}", "precision.recipe=custom"]
+    for role in ("x", "w", "dy", "w_t", "dy_t", "x_t"):
+        args.append(f"precision.{role}.format=nvfp4")
+    args += ["precision.dy.rounding=stochastic", "precision.dy_t.rounding=stochastic", "precision.x_t.rounding=stochastic"]
+    choices = {"precision.recipe": ("bf16", "custom")}
+    straight = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=a"], extra_choices=choices))
+    train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b", "train.stop_at_step=3"], extra_choices=choices))
+    resumed = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b"], extra_choices=choices))
+
+    def numbers(run_dir):
+        return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+    assert numbers(resumed.run_dir) == numbers(straight.run_dir)
+    assert len(numbers(straight.run_dir)) == 6
