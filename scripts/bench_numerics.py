@@ -1,0 +1,135 @@
+"""Benchmark the numerics: quantizer throughput per format and rounding, and the quantized linear's
+forward+backward time against nn.Linear, on one device. Prints tables and writes JSON.
+
+    python scripts/bench_numerics.py [--device auto|cpu|cuda|hpu] [--elements N] [--out FILE.json]
+
+Quantizer bandwidth counts the bytes read (input) and written (output of the same dtype, as
+fake_quantize returns) and is compared with a plain device-to-device copy of the same tensor,
+measured in the same run: the copy is the ceiling a memory-bound kernel can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_lowp.device import get_device  # noqa: E402
+from megatron_lowp.numerics import FORMATS, SRGenerator, fake_quantize  # noqa: E402
+from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec  # noqa: E402
+
+
+def timed(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over repeats, after warmup calls, with the device synchronized."""
+    for _ in range(warmup):
+        fn()
+    device.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        device.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_quantizers(device, elements: int, dtype: torch.dtype, repeats: int) -> list[dict]:
+    cols = 4096 if elements >= 4096 * 32 else 256
+    x = torch.randn(elements // cols, cols, device=device.torch_device, dtype=dtype)
+    moved = 2 * x.numel() * x.element_size()  # read x, write a tensor of the same size
+    copy_s = timed(lambda: x.clone(), device, repeats)
+    rows = [{"op": "copy (reference)", "rounding": "-", "seconds": copy_s, "elements_per_s": x.numel() / copy_s,
+             "GB_per_s": moved / copy_s / 1e9, "vs_copy": 1.0}]
+    gen = SRGenerator(0)
+    for fmt in FORMATS:
+        for rounding in ("nearest", "stochastic"):
+            s = timed(lambda fmt=fmt, rounding=rounding: fake_quantize(x, fmt, rounding=rounding, generator=gen),
+                      device, repeats)
+            rows.append({"op": f"fake_quantize {fmt}", "rounding": rounding, "seconds": s,
+                         "elements_per_s": x.numel() / s, "GB_per_s": moved / s / 1e9, "vs_copy": copy_s / s})
+    return rows
+
+
+RECIPES = {
+    "fp8 (paper roles)": GemmSpecs(
+        x=QuantSpec("fp8_e4m3"), w=QuantSpec("fp8_e4m3"), dy=QuantSpec("fp8_e5m2", "stochastic"),
+        w_t=QuantSpec("fp8_e5m2"), dy_t=QuantSpec("fp8_e5m2", "stochastic"), x_t=QuantSpec("fp8_e5m2")),
+    "nvfp4 (all the way)": GemmSpecs(
+        x=QuantSpec("nvfp4"), w=QuantSpec("nvfp4"), dy=QuantSpec("nvfp4", "stochastic"), w_t=QuantSpec("nvfp4"),
+        dy_t=QuantSpec("nvfp4", "stochastic"), x_t=QuantSpec("nvfp4", "stochastic")),
+}
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, device, autocast_dtype) -> None:
+    with device.autocast(autocast_dtype):
+        y = layer(x)
+    y.float().sum().backward()
+
+
+def bench_linears(device, sizes: list[tuple[int, int, int]], autocast_dtype, repeats: int) -> list[dict]:
+    rows = []
+    for tokens, k, n in sizes:
+        x = torch.randn(tokens, k, device=device.torch_device, requires_grad=True)
+        base = nn.Linear(k, n, bias=False).to(device.torch_device)
+        base_s = timed(lambda base=base, x=x: fwd_bwd(base, x, device, autocast_dtype), device, repeats)
+        rows.append({"size": f"{tokens}x{k}->{n}", "layer": "nn.Linear", "seconds": base_s, "vs_linear": 1.0})
+        for name, specs in RECIPES.items():
+            layer = QuantizedLinear(k, n, specs, name="bench").to(device.torch_device)
+            s = timed(lambda layer=layer, x=x: fwd_bwd(layer, x, device, autocast_dtype), device, repeats)
+            rows.append({"size": f"{tokens}x{k}->{n}", "layer": name, "seconds": s, "vs_linear": s / base_s})
+    return rows
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3e}" if v < 0.01 or v > 1e5 else f"{v:.3f}"
+        return str(v)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(cell(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--elements", type=int, default=None,
+                        help="quantizer input size (default: 128 Mi BF16 elements = 256 MiB on accelerators, 16 Mi (32 MiB, past the caches) on CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench_numerics.json")
+    args = parser.parse_args(argv)
+    device = get_device(args.device)
+    on_cpu = device.capabilities.name == "cpu"
+    elements = args.elements or (16 * 2**20 if on_cpu else 128 * 2**20)
+    sizes = [(512, 512, 512), (1024, 1024, 1024)] if on_cpu else [(4096, 4096, 4096), (8192, 4096, 11008)]
+    autocast_dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
+    print(f"device: {device.capabilities.name}; torch {torch.__version__}; input {elements:,} bf16 elements")
+
+    quant = bench_quantizers(device, elements, torch.bfloat16, args.repeats)
+    print_table(quant, ["op", "rounding", "seconds", "elements_per_s", "GB_per_s", "vs_copy"])
+    print()
+    linears = bench_linears(device, sizes, autocast_dtype, args.repeats)
+    print_table(linears, ["size", "layer", "seconds", "vs_linear"])
+
+    result = {"device": device.capabilities.name, "torch": torch.__version__, "python": platform.python_version(),
+              "host": platform.node(), "elements": elements, "quantizers": quant, "linears": linears,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
