@@ -129,3 +129,50 @@ def test_quantized_training_resumes_bit_identically(repo, tmp_path):
 
     assert numbers(resumed.run_dir) == numbers(straight.run_dir)
     assert len(numbers(straight.run_dir)) == 6
+
+
+FP8_PAPER = GemmSpecs(x=E4, w=E4, dy=E5_SR, w_t=E4, dy_t=E5_SR, x_t=E4)
+
+
+def run_layer(specs, backend, shape=(4, 16, 64), out=32):
+    torch.manual_seed(0)
+    layer = QuantizedLinear(shape[-1], out, specs, name="t", backend=backend)
+    x = torch.randn(*shape, requires_grad=True)
+    dy = torch.randn(*shape[:-1], out)
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.weight.grad, layer.sr.offset
+
+
+def test_native_fp8_matches_emulated_and_really_runs_scaled_mm(monkeypatch):
+    from megatron_lowp.precision import quantized_linear as ql
+
+    calls = []
+    real = ql._scaled_mm
+    monkeypatch.setattr(ql, "_scaled_mm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    native = run_layer(FP8_PAPER, "native")
+    assert calls == [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e5m2]  # fprop, dgrad, wgrad
+    emulated = run_layer(FP8_PAPER, "emulated")
+    assert native[3] == emulated[3]  # the same stochastic-rounding draws
+    for a, b in zip(native[:3], emulated[:3], strict=True):
+        # same FP8 operands; only the accumulation order / where the scale is applied differs
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_native_falls_back_where_no_fp8_kernel_exists(monkeypatch):
+    from megatron_lowp.precision import quantized_linear as ql
+
+    calls = []
+    monkeypatch.setattr(ql, "_scaled_mm", lambda *a: calls.append(1))
+    e5 = QuantSpec("fp8_e5m2")
+    run_layer(GemmSpecs(x=e5, w=e5, dy=e5, w_t=e5, dy_t=e5, x_t=e5), "native")  # E5M2 x E5M2
+    run_layer(FP8_PAPER, "native", shape=(4, 5, 64))  # 20 tokens: not a multiple of 16
+    run_layer(GemmSpecs(x=NV, w=NV), "native")  # NVFP4 has no native GEMM on this path
+    assert calls == []  # every GEMM above fell back to the emulated path
+
+
+def test_backend_from_yaml():
+    cfg = small_model_cfg("precision.recipe=custom", "precision.x.format=fp8_e4m3", "precision.w.format=fp8_e4m3",
+                          "precision.backend=native")
+    model = build_model(cfg.model, build_recipe(cfg, get_device("cpu")))
+    assert model.layers[0].attn.qkv.backend == "native"

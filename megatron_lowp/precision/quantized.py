@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megatron_lowp.config.schema import RoleConfig
+from megatron_lowp.errors import UserError
 from megatron_lowp.precision.quantized_linear import QuantizedLinear
 from megatron_lowp.precision.recipe import PrecisionRecipe, register_recipe
 from megatron_lowp.precision.spec import ROLES, GemmSpecs, QuantSpec
@@ -44,6 +45,7 @@ class QuantizedRecipe(PrecisionRecipe):
     last_blocks: int = 0
     n_layers: int = 0
     seed: int = 0
+    backend: str = "emulated"
 
     def keeps_high_precision(self, name: str) -> bool:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.high_precision):
@@ -57,16 +59,23 @@ class QuantizedRecipe(PrecisionRecipe):
     def make_linear(self, in_features: int, out_features: int, name: str) -> nn.Module:
         if self.keeps_high_precision(name) or not self.specs.quantizes_anything:
             return super().make_linear(in_features, out_features, name)
-        return QuantizedLinear(in_features, out_features, self.specs, name=name, seed=self.seed)
+        return QuantizedLinear(in_features, out_features, self.specs, name=name, seed=self.seed, backend=self.backend)
 
 
 def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecipe:
     p = cfg.precision
+    # torch implements _scaled_mm on the CPU too (a reference kernel, not a fast one), so "native"
+    # is refused only on accelerators without FP8 tensor cores.
+    if p.backend == "native" and not (device.capabilities.native_fp8_gemm or device.type == "cpu"):
+        raise UserError(
+            f"precision.backend: 'native' needs FP8 GEMM hardware (NVIDIA sm89+, Gaudi2+); "
+            f"{device.capabilities.name} has none; use precision.backend=emulated"
+        )
     dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
     return QuantizedRecipe(
         name=name, autocast_dtype=dtype, specs=specs, high_precision=tuple(p.high_precision),
         first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
-        n_layers=cfg.model.n_layers, seed=cfg.run.seed,
+        n_layers=cfg.model.n_layers, seed=cfg.run.seed, backend=p.backend,
     )
 
 

@@ -9,6 +9,12 @@ tokens) and saves them *packed* (QuantizedTensor: 4 or 8 bits per value plus sca
 high-precision tensors. A role left in high precision saves the original tensor instead (the weight
 is a parameter and costs nothing extra).
 
+Native FP8 (`backend="native"`): a GEMM whose two operands are both per-tensor FP8 runs as
+`torch._scaled_mm` on the FP8 bytes (one side E4M3; E5M2 x E5M2 has no tensor-core kernel and
+stays emulated; so do shapes that are not multiples of 16). Operands are quantized exactly as the
+emulated path quantizes them (same axes, same SR draws), so the two backends see the same bits and
+differ only in how the products are accumulated.
+
 Stochastic rounding draws from the layer's own SRGenerator, whose (seed, offset) is part of the
 module's state_dict (as `sr_state`), so a resumed run continues the same random stream.
 """
@@ -43,13 +49,41 @@ def _operand(t: torch.Tensor, spec: QuantSpec | None, role: str, gen: SRGenerato
     return (t if spec is None else spec.fake_quantize(t, ROLE_AXIS[role], gen)).to(dtype)
 
 
+BACKENDS = ("emulated", "native")
+
+
+def _tensorwise_fp8(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.fmt.startswith("fp8") and spec.kwargs().get("scaling", "tensor") == "tensor"
+
+
+def _native_pair(a: QuantSpec | None, b: QuantSpec | None, *dims: int) -> bool:
+    """Both operands per-tensor FP8, not both E5M2, every GEMM dimension a multiple of 16."""
+    return (_tensorwise_fp8(a) and _tensorwise_fp8(b) and not (a.fmt == b.fmt == "fp8_e5m2")
+            and all(d % 16 == 0 for d in dims))
+
+
+def _scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, dtype) -> torch.Tensor:
+    """a @ b.T on FP8 bytes (a row-major, b row-major so b.T is column-major as the kernel wants);
+    scales are our multiplicative encode scales, the kernel takes their inverses (decode scales)."""
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    return torch._scaled_mm(a, b.t(), scale_a=(one / a_scale).reshape(()), scale_b=(one / b_scale).reshape(()),
+                            out_dtype=dtype)
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, specs: GemmSpecs, gen: SRGenerator) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, specs: GemmSpecs, gen: SRGenerator,
+                backend: str = "emulated") -> torch.Tensor:
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
+        (tokens, k), n = x2.shape, weight.shape[0]
+        ctx.native = backend == "native"
         with torch.autocast(x.device.type, enabled=False):
-            y = _operand(x2, specs.x, "x", gen, dtype) @ _operand(weight, specs.w, "w", gen, dtype).t()
+            if ctx.native and _native_pair(specs.x, specs.w, tokens, k, n):
+                xq, wq = specs.x.quantize(x2, -1, gen), specs.w.quantize(weight, -1, gen)
+                y = _scaled_mm(xq.data, xq.scale, wq.data, wq.scale, dtype)
+            else:
+                y = _operand(x2, specs.x, "x", gen, dtype) @ _operand(weight, specs.w, "w", gen, dtype).t()
             ctx.saved_x = _quantize_for_backward(x2.detach(), specs.x_t, "x_t", gen)
             ctx.saved_w = _quantize_for_backward(weight.detach(), specs.w_t, "w_t", gen)
         ctx.specs, ctx.gen, ctx.dtype = specs, gen, dtype
@@ -60,11 +94,20 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         specs, gen, dtype = ctx.specs, ctx.gen, ctx.dtype
         dy2 = dy.reshape(-1, dy.shape[-1])
+        (tokens, n), k = dy2.shape, ctx.x_shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
-            dx = _operand(dy2, specs.dy, "dy", gen, dtype) @ _restore(ctx.saved_w, dtype)
-            dw = _operand(dy2, specs.dy_t, "dy_t", gen, dtype).t() @ _restore(ctx.saved_x, dtype)
+            if ctx.native and _native_pair(specs.dy, specs.w_t, tokens, n, k):
+                dyq, wq = specs.dy.quantize(dy2, -1, gen), ctx.saved_w  # per-tensor: transposing bytes is exact
+                dx = _scaled_mm(dyq.data, dyq.scale, wq.data.t().contiguous(), wq.scale, dtype)
+            else:
+                dx = _operand(dy2, specs.dy, "dy", gen, dtype) @ _restore(ctx.saved_w, dtype)
+            if ctx.native and _native_pair(specs.dy_t, specs.x_t, tokens, n, k):
+                dyq, xq = specs.dy_t.quantize(dy2, 0, gen), ctx.saved_x
+                dw = _scaled_mm(dyq.data.t().contiguous(), dyq.scale, xq.data.t().contiguous(), xq.scale, dtype)
+            else:
+                dw = _operand(dy2, specs.dy_t, "dy_t", gen, dtype).t() @ _restore(ctx.saved_x, dtype)
         ctx.saved_x = ctx.saved_w = None
-        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
 
 
 def layer_seed(name: str, base_seed: int = 0) -> int:
@@ -76,15 +119,19 @@ def layer_seed(name: str, base_seed: int = 0) -> int:
 class QuantizedLinear(nn.Module):
     """Bias-free linear whose three GEMMs follow `specs`; a drop-in for nn.Linear(bias=False)."""
 
-    def __init__(self, in_features: int, out_features: int, specs: GemmSpecs, name: str = "", seed: int = 0):
+    def __init__(self, in_features: int, out_features: int, specs: GemmSpecs, name: str = "", seed: int = 0,
+                 backend: str = "emulated"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         self.in_features, self.out_features, self.specs, self.name = in_features, out_features, specs, name
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         self.sr = SRGenerator(seed=layer_seed(name, seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QuantizedLinearFunction.apply(x, self.weight, self.specs, self.sr)
+        return QuantizedLinearFunction.apply(x, self.weight, self.specs, self.sr, self.backend)
 
     # The SR stream position travels with the weights (state_dict -> checkpoint -> resume).
     def get_extra_state(self) -> torch.Tensor:
@@ -95,4 +142,5 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         roles = ", ".join(f"{r}={getattr(self.specs, r).fmt}" for r in ROLE_AXIS if getattr(self.specs, r) is not None)
-        return f"in_features={self.in_features}, out_features={self.out_features}, {roles or 'high precision'}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {roles or 'high precision'}, "
+                f"backend={self.backend}")
