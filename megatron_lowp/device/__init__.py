@@ -9,11 +9,20 @@ from megatron_lowp.device.base import Capabilities, Device
 from megatron_lowp.device.cpu import CPUDevice
 from megatron_lowp.device.cuda import CUDADevice
 from megatron_lowp.device.hpu import HPU_MODES, HPUDevice, hpu_available
+from megatron_lowp.device.kernels import triton_kernels_usable
 from megatron_lowp.errors import UserError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "hpu")
 
-__all__ = ["Capabilities", "Device", "DEVICE_TYPES", "HPU_MODES", "get_device", "resolve_device_type"]
+__all__ = [
+    "Capabilities",
+    "Device",
+    "DEVICE_TYPES",
+    "HPU_MODES",
+    "get_device",
+    "resolve_device_type",
+    "triton_kernels_usable",
+]
 
 
 def resolve_device_type(requested: str) -> str:

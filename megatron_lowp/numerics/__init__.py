@@ -1,6 +1,7 @@
 """Number formats as pure tensor functions: FP8 E4M3/E5M2, E2M1, E8M0, NVFP4, MXFP4/MXFP8.
 
-The bottom of the house: imports nothing of megatron_lowp but ``errors``, knows no device names.
+Near the bottom of the house: imports only ``errors`` and ``device`` (to ask whether fused kernels
+can run on a tensor), and names no device type itself.
 Entry points: ``fake_quantize``, ``quantize`` / ``QuantizedTensor.dequantize``, ``FORMATS``;
 ``SRGenerator`` for reproducible stochastic rounding; scales and ``AmaxHistory`` for FP8.
 See docs/numerics.md for every formula.

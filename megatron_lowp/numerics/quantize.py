@@ -8,6 +8,10 @@ equals ``quantize(...).dequantize(x.dtype)`` bit for bit. Inputs with NaN or Inf
 Stochastic rounding draws one uniform per element of x from ``generator`` (an SRGenerator; None = the
 process default, seed 0), indexed by the element's row-major position in x, whatever the axis: the
 same (seed, offset) gives the same bits on every device.
+
+``backend``: "torch" (this file), "triton" (fused kernels in triton_kernels.py, same bits; fp8 with a
+per-tensor scale and nvfp4 decode along the last axis), or "auto" (default): triton where it is usable
+on x's device and covers the call, else torch.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ FORMATS: dict[str, FormatSpec] = {
     "mxfp8": FormatSpec("mxfp8", "e4m3", 32, "e8m0", ("block_size", *_COMMON)),
 }
 FP8_SCALINGS = ("tensor", "channel")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -181,6 +186,41 @@ def _quantize_values(
     return spec, b.q, (b, exp), {"block_size": bs}
 
 
+def _use_triton(x: torch.Tensor, fmt: str, rounding: str, axis: int, backend: str, options: dict[str, Any]) -> bool:
+    if backend not in BACKENDS:
+        raise UserError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    _check_fmt_and_options(fmt, options)
+    check_rounding(rounding)
+    from megatron_lowp.numerics import triton_kernels
+
+    reason = triton_kernels.unsupported_reason(x, fmt, rounding, axis, options)
+    if reason is not None and backend == "triton":
+        raise UserError(f"backend='triton' cannot run this {fmt} call: {reason}; use backend='auto' or 'torch'")
+    return reason is None
+
+
+def _quantize_triton(
+    x: torch.Tensor, fmt: str, rounding: str, axis: int, generator: SRGenerator | None, options: dict[str, Any]
+) -> QuantizedTensor:
+    """The fused-kernel path of quantize (only for calls unsupported_reason accepted); same bits as torch."""
+    from megatron_lowp.numerics import triton_kernels
+
+    spec = FORMATS[fmt]
+    x32 = _check_input(x, fmt, options.get("check_finite", True))
+    ax = axis % x.ndim if x.ndim else 0
+    if spec.block_size is None:
+        elem = _fp8_element(fmt, options)
+        s = _fp8_scale(x32, elem, axis, options)
+        data, _ = triton_kernels.fp8_quantize(x32, s, elem, rounding, generator)
+        return QuantizedTensor(fmt, data, s, None, x.shape, ax, x.dtype, {"element": elem.name})
+    bs = _block_size(spec, options)
+    ts = blocks.nvfp4_tensor_scale(x32, options.get("tensor_scale", "amax"), options.get("tensor_amax"), "decode")
+    data, scale = triton_kernels.nvfp4_quantize(x32, ts, rounding, generator, bs)
+    return QuantizedTensor(fmt, data, scale, ts, x.shape, ax, x.dtype, {"block_size": bs, "scale_rounding": "decode"})
+
+
 def quantize(
     x: torch.Tensor,
     fmt: str,
@@ -188,9 +228,12 @@ def quantize(
     rounding: str = "nearest",
     axis: int = -1,
     generator: SRGenerator | None = None,
+    backend: str = "auto",
     **options: Any,
 ) -> QuantizedTensor:
     """Quantize x into ``fmt`` (see FORMATS for the options each format takes)."""
+    if _use_triton(x, fmt, rounding, axis, backend, options):
+        return _quantize_triton(x, fmt, rounding, axis, generator, options)
     spec, q, aux, meta = _quantize_values(x, fmt, rounding, axis, generator, options)
     ax = axis % x.ndim if x.ndim else 0
     if spec.block_size is None:
@@ -213,9 +256,12 @@ def fake_quantize(
     rounding: str = "nearest",
     axis: int = -1,
     generator: SRGenerator | None = None,
+    backend: str = "auto",
     **options: Any,
 ) -> torch.Tensor:
     """Quantize then dequantize: x's shape and dtype, values on fmt's (scaled) grid."""
+    if _use_triton(x, fmt, rounding, axis, backend, options):
+        return _quantize_triton(x, fmt, rounding, axis, generator, options).dequantize(x.dtype)
     spec, q, aux, meta = _quantize_values(x, fmt, rounding, axis, generator, options)
     if spec.block_size is None:
         return (q / aux).to(x.dtype)
