@@ -82,6 +82,8 @@ class PrecisionConfig:
     high_precision: list[str] = field(default_factory=lambda: ["lm_head"])
     high_precision_first_blocks: int = bounded(0, ge=0)
     high_precision_last_blocks: int = bounded(0, ge=0)
+    # Smooth-SwiGLU (per-token rescaling of the MLP's linear branch; exact reformulation, any recipe).
+    smooth_swiglu: bool = False
     # emulated: quantize-dequantize then matmul (every device, the reference); native: FP8 GEMMs on
     # the FP8 bytes (torch._scaled_mm) where both operands are per-tensor FP8.
     backend: str = choice("emulated", "emulated", "native")

@@ -14,7 +14,7 @@ ARCHS = {"llama": Llama}
 
 
 def build_model(cfg: ModelConfig, recipe: PrecisionRecipe) -> nn.Module:
-    return ARCHS[cfg.arch](cfg, recipe.make_linear)
+    return ARCHS[cfg.arch](cfg, recipe.make_linear, recipe.mlp_activation)
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

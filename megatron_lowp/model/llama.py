@@ -4,8 +4,9 @@
 - RoPE in the "rotate half" layout (the Hugging Face Llama convention), so weights map 1:1 to HF.
 - Attention through `scaled_dot_product_attention` (FlashAttention/efficient kernels where the
   device has them), with `enable_gqa` so K/V heads are shared without copies.
-- Every linear comes from `make_linear(in, out, name)`, the precision recipe's factory: the model
-  never knows which number format it runs in.
+- Every linear comes from `make_linear(in, out, name)`, the precision recipe's factory, and the MLP
+  gating (SwiGLU or Smooth-SwiGLU) is named by the recipe too: the model never knows which number
+  format it runs in.
 """
 
 from __future__ import annotations
@@ -79,25 +80,51 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
+class GatedSiLU(nn.Module):
+    """SwiGLU's gating, silu(gate) * up. Returns (h, row_scale): the down projection's input and
+    the per-row factor to multiply its output by (None: nothing to undo)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return F.silu(gate) * up, None
+
+
+class SmoothGatedSiLU(nn.Module):
+    """Smooth-SwiGLU, per token (Fishman et al. 2025, as in their reference code): s = max|up| over
+    the FFN channels of each token, detached; h = silu(gate) * (up / s) stays bounded, so its
+    low-precision quantization before the down projection sees no quadratic outliers; the output
+    is multiplied back by s. Exact in real arithmetic, since a row scale commutes with x W^T."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = up.detach().abs().amax(dim=-1, keepdim=True)
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row needs no rescaling
+        return F.silu(gate) * (up / s), s
+
+
+MLP_ACTIVATIONS = {"swiglu": GatedSiLU, "smooth_swiglu": SmoothGatedSiLU}
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str, activation: str = "swiglu"):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
         self.gate = make_linear(cfg.d_model, hidden, f"{prefix}.gate")
         self.up = make_linear(cfg.d_model, hidden, f"{prefix}.up")
         self.down = make_linear(hidden, cfg.d_model, f"{prefix}.down")
+        self.act = MLP_ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        h, row_scale = self.act(self.gate(x), self.up(x))
+        y = self.down(h)
+        return y if row_scale is None else y * row_scale
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, index: int):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, index: int, activation: str = "swiglu"):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, make_linear, f"layers.{index}.attn")
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, make_linear, f"layers.{index}.mlp")
+        self.mlp = SwiGLU(cfg, make_linear, f"layers.{index}.mlp", activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin)
@@ -105,13 +132,13 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, mlp_activation: str = "swiglu"):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved (from the tokenizer) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, make_linear, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, make_linear, i, mlp_activation) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = make_linear(cfg.d_model, cfg.vocab_size, "lm_head")
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)

@@ -73,7 +73,8 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
         )
     dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
     return QuantizedRecipe(
-        name=name, autocast_dtype=dtype, specs=specs, high_precision=tuple(p.high_precision),
+        name=name, autocast_dtype=dtype, mlp_activation="smooth_swiglu" if p.smooth_swiglu else "swiglu",
+        specs=specs, high_precision=tuple(p.high_precision),
         first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
         n_layers=cfg.model.n_layers, seed=cfg.run.seed, backend=p.backend,
     )

@@ -5,6 +5,7 @@ A `PrecisionRecipe` answers two questions for the rest of the code:
   layer's path in the model (e.g. "layers.3.attn.qkv", "lm_head"), so a recipe can keep chosen
   layers in high precision. The model calls this factory and nothing else to get a linear.
 - `autocast_dtype`: the dtype of autocast regions (BF16 here), or None for plain FP32.
+- `mlp_activation`: the MLP gating the model builds, "swiglu" or "smooth_swiglu".
 
 Recipes register under a name with `@register_recipe("name")`; `precision.recipe` in a YAML recipe
 picks one, and `available_recipes()` lists the allowed values for config validation.
@@ -30,6 +31,7 @@ class LinearFactory(Protocol):
 class PrecisionRecipe:
     name: str
     autocast_dtype: torch.dtype | None
+    mlp_activation: str = "swiglu"  # or "smooth_swiglu" (model/llama.py MLP_ACTIVATIONS)
 
     def make_linear(self, in_features: int, out_features: int, name: str) -> nn.Module:
         """Bias-free linear (Llama has none); quantized recipes return their own module."""
