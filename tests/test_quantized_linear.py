@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from megatron_lowp.config import load_config
+from megatron_lowp.errors import UserError
 from megatron_lowp.device import get_device
 from megatron_lowp.model import build_model
 from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
@@ -176,3 +177,82 @@ def test_backend_from_yaml():
                           "precision.backend=native")
     model = build_model(cfg.model, build_recipe(cfg, get_device("cpu")))
     assert model.layers[0].attn.qkv.backend == "native"
+
+
+DELAYED = QuantSpec("fp8_e4m3", amax_history=2)
+
+
+def test_delayed_scaling_uses_past_steps_and_eval_does_not_move_it():
+    from megatron_lowp.numerics import E4M3
+
+    layer = QuantizedLinear(16, 16, GemmSpecs(x=DELAYED), name="d")
+    assert layer.delayed.scale("x") is None  # no history yet: current scaling
+    x1 = torch.full((16, 16), 2.0)
+    layer(x1).sum().backward()
+    layer.commit_amax()
+    assert layer.delayed.scale("x").item() == pytest.approx(E4M3.max_value / 2.0)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.full((16, 16), 100.0))  # an evaluation batch must not move the scale
+    layer.train()
+    assert layer.delayed.scale("x").item() == pytest.approx(E4M3.max_value / 2.0)
+    # a step with a 10x larger input is quantized with the old scale: 20 * 224 saturates at 448
+    x2 = torch.full((16, 16), 20.0, requires_grad=True)
+    y = layer(x2)
+    w_q = layer.weight.detach()
+    assert torch.allclose(y, torch.full((16, 16), 2.0) @ w_q.t(), rtol=1e-6, atol=1e-6)  # 448 / 224 = 2
+    y.sum().backward()
+    layer.commit_amax()
+    assert layer.delayed.scale("x").item() == pytest.approx(E4M3.max_value / 20.0)  # max over the 2-step window
+    layer(x1).sum().backward()
+    layer.commit_amax()
+    layer(x1).sum().backward()
+    layer.commit_amax()
+    assert layer.delayed.scale("x").item() == pytest.approx(E4M3.max_value / 2.0)  # the 20 left the window
+
+
+def test_delayed_scaling_takes_the_max_over_micro_batches_and_ranks():
+    layer = QuantizedLinear(16, 16, GemmSpecs(x=DELAYED, dy=QuantSpec("fp8_e5m2", amax_history=1)), name="d")
+    for value in (1.0, 3.0, 2.0):  # three micro-batches of one optimizer step
+        layer(torch.full((16, 16), value)).sum().backward()
+    seen = []
+    layer.commit_amax(reduce_max=lambda a: seen.append(a.item()) or a * 2)  # a pretend second rank with 2x
+    assert sorted(seen)[-1] == 3.0 and len(seen) == 2  # x and dy each reduced once
+    assert layer.delayed.histories["x"].amax().item() == 6.0
+
+
+def test_delayed_state_travels_in_the_state_dict():
+    layer = QuantizedLinear(16, 16, GemmSpecs(x=DELAYED), name="d")
+    layer(torch.full((16, 16), 5.0)).sum().backward()
+    layer.commit_amax()
+    other = QuantizedLinear(16, 16, GemmSpecs(x=DELAYED), name="d")
+    other.load_state_dict(layer.state_dict())
+    assert other.delayed.scale("x").item() == layer.delayed.scale("x").item() and other.delayed.commits == 1
+
+
+def test_delayed_needs_per_tensor_fp8():
+    with pytest.raises(UserError, match=r"precision.x.amax: 'delayed' needs a per-tensor FP8 format"):
+        build_recipe(small_model_cfg("precision.recipe=custom", "precision.x.format=nvfp4", "precision.x.amax=delayed"),
+                     get_device("cpu"))
+
+
+def test_fp8_delayed_training_resumes_bit_identically(repo, tmp_path):
+    """The amax histories are in the checkpoint: a resumed run does not restart from fresh scales."""
+    args = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+            "model.ffn_hidden_size=128", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_iters=1",
+            "train.checkpoint_every=3", "logging.progress=false", f"run.out_dir={tmp_path}", "precision.recipe=custom",
+            "precision.smooth_swiglu=true"]
+    for role, fmt in (("x", "fp8_e4m3"), ("w", "fp8_e4m3"), ("dy", "fp8_e5m2"), ("w_t", "fp8_e5m2"),
+                      ("dy_t", "fp8_e5m2"), ("x_t", "fp8_e5m2")):
+        args += [f"precision.{role}.format={fmt}", f"precision.{role}.amax=delayed", f"precision.{role}.power_of_two=true"]
+    args += ["precision.dy.rounding=stochastic", "precision.dy_t.rounding=stochastic"]
+    choices = {"precision.recipe": ("bf16", "custom")}
+    straight = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=a"], extra_choices=choices))
+    train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b", "train.stop_at_step=3"], extra_choices=choices))
+    resumed = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b"], extra_choices=choices))
+
+    def numbers(run_dir):
+        return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+    assert numbers(resumed.run_dir) == numbers(straight.run_dir) and len(numbers(straight.run_dir)) == 6

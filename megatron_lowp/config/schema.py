@@ -65,6 +65,8 @@ class RoleConfig:
     tensor_amax: float | None = bounded(None, gt=0, doc="nvfp4 with tensor_scale: fixed")
     scale_rounding: str = choice("decode", "decode", "encode", doc="nvfp4: TE/hardware or FP4-paper convention")
     tile: bool = False  # nvfp4: 16x16 tiles (2-D weights) instead of 1x16 blocks
+    amax: str = choice("current", "current", "delayed", doc="fp8 per-tensor: scale from this tensor or from past steps")
+    amax_history: int = bounded(1, ge=1, doc="delayed: optimizer steps whose max amax sets the scale")
 
 
 @dataclass

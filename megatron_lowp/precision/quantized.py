@@ -23,10 +23,13 @@ from megatron_lowp.precision.spec import ROLES, GemmSpecs, QuantSpec
 _BLOCK_INDEX = re.compile(r"^layers\.(\d+)\.")
 
 
-def role_spec(role: RoleConfig) -> QuantSpec | None:
+def role_spec(role: RoleConfig, key: str = "precision.<role>") -> QuantSpec | None:
     """The QuantSpec a role section describes, with only the options its format understands."""
     if role.format is None:
         return None
+    if role.amax == "delayed" and not (role.format.startswith("fp8") and role.scaling == "tensor"):
+        raise UserError(f"{key}.amax: 'delayed' needs a per-tensor FP8 format (fp8_e4m3 or fp8_e5m2 with "
+                        f"scaling: tensor), not {role.format} with scaling {role.scaling}")
     options: dict = {}
     if role.format.startswith("fp8"):
         options = {"scaling": role.scaling, "power_of_two": role.power_of_two}
@@ -34,7 +37,8 @@ def role_spec(role: RoleConfig) -> QuantSpec | None:
         options = {"tensor_scale": role.tensor_scale, "scale_rounding": role.scale_rounding, "tile": role.tile}
         if role.tensor_scale == "fixed":
             options["tensor_amax"] = role.tensor_amax if role.tensor_amax is not None else 1.0
-    return QuantSpec(role.format, role.rounding, tuple(sorted(options.items())))
+    history = role.amax_history if role.amax == "delayed" else 0
+    return QuantSpec(role.format, role.rounding, tuple(sorted(options.items())), amax_history=history)
 
 
 @dataclass
@@ -82,5 +86,5 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
 
 @register_recipe("custom")
 def custom_recipe(cfg, device) -> QuantizedRecipe:
-    specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role)) for role in ROLES})
+    specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role), f"precision.{role}") for role in ROLES})
     return quantized_recipe(cfg, device, "custom", specs)

@@ -27,7 +27,9 @@ import math
 import torch
 from torch import nn
 
-from megatron_lowp.numerics import QuantizedTensor, SRGenerator
+from megatron_lowp.numerics import E5M2, QuantizedTensor, SRGenerator
+from megatron_lowp.numerics.formats import e4m3_flavour
+from megatron_lowp.precision.delayed import DelayedScaling, ReduceMax
 from megatron_lowp.precision.spec import ROLE_AXIS, GemmSpecs, QuantSpec
 
 
@@ -36,17 +38,37 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
-def _quantize_for_backward(t: torch.Tensor, spec: QuantSpec | None, role: str, gen: SRGenerator):
-    """A packed QuantizedTensor to save, or the tensor itself for a high-precision role."""
-    return t if spec is None else spec.quantize(t, ROLE_AXIS[role], gen)
+class RoleQuantizer:
+    """Quantizes a layer's operands by role: its specs, its SR stream, and its delayed-scaling state.
+    `observing` is True in training forwards (and always in backward): only they feed amaxes to
+    delayed scaling, so evaluation never moves the scales."""
+
+    def __init__(self, specs: GemmSpecs, gen: SRGenerator, delayed: DelayedScaling | None, observing: bool):
+        self.specs, self.gen, self.delayed, self.observing = specs, gen, delayed, observing
+
+    def _extra(self, role: str, t: torch.Tensor) -> dict:
+        if self.delayed is None or role not in self.delayed.specs:
+            return {}
+        if self.observing:
+            self.delayed.observe(role, t)
+        scale = self.delayed.scale(role)
+        return {} if scale is None else {"scale": scale}
+
+    def fake(self, role: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The operand dequantized to the compute dtype (t itself for a high-precision role)."""
+        spec = getattr(self.specs, role)
+        if spec is None:
+            return t.to(dtype)
+        return spec.fake_quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t)).to(dtype)
+
+    def packed(self, role: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """A QuantizedTensor to keep (for backward or a native GEMM), or t for a high-precision role."""
+        spec = getattr(self.specs, role)
+        return t if spec is None else spec.quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t))
 
 
 def _restore(saved, dtype: torch.dtype) -> torch.Tensor:
     return saved.dequantize(dtype) if isinstance(saved, QuantizedTensor) else saved.to(dtype)
-
-
-def _operand(t: torch.Tensor, spec: QuantSpec | None, role: str, gen: SRGenerator, dtype: torch.dtype):
-    return (t if spec is None else spec.fake_quantize(t, ROLE_AXIS[role], gen)).to(dtype)
 
 
 BACKENDS = ("emulated", "native")
@@ -72,42 +94,42 @@ def _scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
 
 class QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, specs: GemmSpecs, gen: SRGenerator,
-                backend: str = "emulated") -> torch.Tensor:
-        dtype = _compute_dtype(x)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, q: RoleQuantizer, backend: str = "emulated") -> torch.Tensor:
+        dtype, specs = _compute_dtype(x), q.specs
         x2 = x.reshape(-1, x.shape[-1])
         (tokens, k), n = x2.shape, weight.shape[0]
         ctx.native = backend == "native"
         with torch.autocast(x.device.type, enabled=False):
             if ctx.native and _native_pair(specs.x, specs.w, tokens, k, n):
-                xq, wq = specs.x.quantize(x2, -1, gen), specs.w.quantize(weight, -1, gen)
+                xq, wq = q.packed("x", x2), q.packed("w", weight)
                 y = _scaled_mm(xq.data, xq.scale, wq.data, wq.scale, dtype)
             else:
-                y = _operand(x2, specs.x, "x", gen, dtype) @ _operand(weight, specs.w, "w", gen, dtype).t()
-            ctx.saved_x = _quantize_for_backward(x2.detach(), specs.x_t, "x_t", gen)
-            ctx.saved_w = _quantize_for_backward(weight.detach(), specs.w_t, "w_t", gen)
-        ctx.specs, ctx.gen, ctx.dtype = specs, gen, dtype
+                y = q.fake("x", x2, dtype) @ q.fake("w", weight, dtype).t()
+            ctx.saved_x = q.packed("x_t", x2.detach())
+            ctx.saved_w = q.packed("w_t", weight.detach())
+        ctx.q, ctx.dtype = q, dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        specs, gen, dtype = ctx.specs, ctx.gen, ctx.dtype
+        q, dtype = ctx.q, ctx.dtype
+        specs, q.observing = q.specs, True  # backward runs only in training
         dy2 = dy.reshape(-1, dy.shape[-1])
         (tokens, n), k = dy2.shape, ctx.x_shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.native and _native_pair(specs.dy, specs.w_t, tokens, n, k):
-                dyq, wq = specs.dy.quantize(dy2, -1, gen), ctx.saved_w  # per-tensor: transposing bytes is exact
+                dyq, wq = q.packed("dy", dy2), ctx.saved_w  # per-tensor: transposing bytes is exact
                 dx = _scaled_mm(dyq.data, dyq.scale, wq.data.t().contiguous(), wq.scale, dtype)
             else:
-                dx = _operand(dy2, specs.dy, "dy", gen, dtype) @ _restore(ctx.saved_w, dtype)
+                dx = q.fake("dy", dy2, dtype) @ _restore(ctx.saved_w, dtype)
             if ctx.native and _native_pair(specs.dy_t, specs.x_t, tokens, n, k):
-                dyq, xq = specs.dy_t.quantize(dy2, 0, gen), ctx.saved_x
+                dyq, xq = q.packed("dy_t", dy2), ctx.saved_x
                 dw = _scaled_mm(dyq.data.t().contiguous(), dyq.scale, xq.data.t().contiguous(), xq.scale, dtype)
             else:
-                dw = _operand(dy2, specs.dy_t, "dy_t", gen, dtype).t() @ _restore(ctx.saved_x, dtype)
+                dw = q.fake("dy_t", dy2, dtype).t() @ _restore(ctx.saved_x, dtype)
         ctx.saved_x = ctx.saved_w = None
-        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
 
 
 def layer_seed(name: str, base_seed: int = 0) -> int:
@@ -129,18 +151,43 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         self.sr = SRGenerator(seed=layer_seed(name, seed))
+        delayed = {r: getattr(specs, r) for r in ROLE_AXIS if getattr(specs, r) and getattr(specs, r).amax_history}
+        fmt_max = {r: (E5M2 if spec.fmt == "fp8_e5m2" else e4m3_flavour(spec.kwargs().get("flavour", "ocp"))).max_value
+                   for r, spec in delayed.items()}
+        self.delayed = DelayedScaling(delayed, fmt_max) if delayed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QuantizedLinearFunction.apply(x, self.weight, self.specs, self.sr, self.backend)
+        observing = self.training and torch.is_grad_enabled()
+        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing)
+        return QuantizedLinearFunction.apply(x, self.weight, q, self.backend)
 
-    # The SR stream position travels with the weights (state_dict -> checkpoint -> resume).
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor([self.sr.seed, self.sr.offset], dtype=torch.int64)
+    def commit_amax(self, reduce_max: ReduceMax | None = None) -> None:
+        """End of an optimizer step: this step's amaxes enter the delayed-scaling histories."""
+        if self.delayed is not None:
+            self.delayed.commit(reduce_max)
 
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        self.sr.load_state_dict({"seed": int(state[0]), "offset": int(state[1])})
+    # The SR stream position and the amax histories travel with the weights (state_dict ->
+    # checkpoint -> resume).
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        state = {"sr": torch.tensor([self.sr.seed, self.sr.offset], dtype=torch.int64)}
+        if self.delayed is not None:
+            state.update({f"amax.{k}": v for k, v in self.delayed.state_dict().items()})
+        return state
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sr.load_state_dict({"seed": int(state["sr"][0]), "offset": int(state["sr"][1])})
+        if self.delayed is not None:
+            self.delayed.load_state_dict({k[len("amax."):]: v for k, v in state.items() if k.startswith("amax.")})
 
     def extra_repr(self) -> str:
         roles = ", ".join(f"{r}={getattr(self.specs, r).fmt}" for r in ROLE_AXIS if getattr(self.specs, r) is not None)
         return (f"in_features={self.in_features}, out_features={self.out_features}, {roles or 'high precision'}, "
                 f"backend={self.backend}")
+
+
+def commit_amax_histories(model: nn.Module, reduce_max: ReduceMax | None = None) -> None:
+    """Call after every optimizer step: each quantized linear's delayed scales take in the step's
+    amaxes (reduce_max, e.g. an all-reduce MAX over data-parallel ranks, makes them global)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.commit_amax(reduce_max)

@@ -30,19 +30,25 @@ class QuantSpec:
     fmt: str  # a numerics format name: fp8_e4m3, fp8_e5m2, nvfp4, mxfp4, mxfp8
     rounding: str = "nearest"  # nearest | stochastic
     options: tuple[tuple[str, Any], ...] = ()  # format options (numerics.FORMATS[fmt].options)
+    # FP8 per-tensor only: > 0 scales from the max amax of the last N optimizer steps (delayed
+    # scaling, precision/delayed.py); 0 scales from the tensor's own amax (current scaling).
+    amax_history: int = 0
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"unknown format {self.fmt!r}; allowed: {', '.join(FORMATS)}")
+        if self.amax_history and not (self.fmt.startswith("fp8") and self.kwargs().get("scaling", "tensor") == "tensor"):
+            raise ValueError(f"delayed scaling (amax_history) needs per-tensor FP8, not {self.fmt} {self.kwargs()}")
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.options)
 
-    def fake_quantize(self, t: torch.Tensor, axis: int, generator: SRGenerator) -> torch.Tensor:
-        return fake_quantize(t, self.fmt, rounding=self.rounding, axis=axis, generator=generator, **self.kwargs())
+    def fake_quantize(self, t: torch.Tensor, axis: int, generator: SRGenerator, **extra: Any) -> torch.Tensor:
+        return fake_quantize(t, self.fmt, rounding=self.rounding, axis=axis, generator=generator,
+                             **self.kwargs(), **extra)
 
-    def quantize(self, t: torch.Tensor, axis: int, generator: SRGenerator) -> QuantizedTensor:
-        return quantize(t, self.fmt, rounding=self.rounding, axis=axis, generator=generator, **self.kwargs())
+    def quantize(self, t: torch.Tensor, axis: int, generator: SRGenerator, **extra: Any) -> QuantizedTensor:
+        return quantize(t, self.fmt, rounding=self.rounding, axis=axis, generator=generator, **self.kwargs(), **extra)
 
 
 @dataclass(frozen=True)

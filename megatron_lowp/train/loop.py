@@ -24,7 +24,7 @@ from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.optim import build_optimizer, lr_at
-from megatron_lowp.precision import build_recipe
+from megatron_lowp.precision import build_recipe, commit_amax_histories
 from megatron_lowp.train.checkpoint import CheckpointManager
 from megatron_lowp.train.metrics import MetricsLog
 from megatron_lowp.train.progress import Progress
@@ -167,6 +167,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        commit_amax_histories(self.model)  # delayed FP8 scales move once per optimizer step
         self.device.mark_step()
         self.consumed_samples += t.global_batch_size
         self.tokens += t.global_batch_size * t.seq_len
