@@ -139,3 +139,19 @@ def test_dump_reloads_to_the_same_config(repo, tmp_path):
     path = write(tmp_path / "resolved.yaml", dump_config(cfg))
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text())["train"]["steps"] == 70
+
+
+def test_named_recipe_brings_its_package_and_each_part_can_be_switched_off(repo):
+    choices = {"precision.recipe": available_recipes()}
+    fp8 = load_config(repo / "recipes/tiny/fp8.yaml", extra_choices=choices)
+    assert fp8.precision.smooth_swiglu is True
+    assert (fp8.precision.x.format, fp8.precision.dy.format, fp8.precision.dy.rounding) == ("fp8_e4m3", "fp8_e5m2", "stochastic")
+    assert fp8.precision.w_t.amax == "delayed" and fp8.precision.x_t.power_of_two is True
+    ablated = load_config(repo / "recipes/tiny/fp8.yaml", ["precision.smooth_swiglu=false", "precision.dy.rounding=nearest"],
+                          extra_choices=choices)
+    assert ablated.precision.smooth_swiglu is False and ablated.precision.dy.rounding == "nearest"
+    assert ablated.precision.x.format == "fp8_e4m3"  # the rest of the package stays
+    back = load_config(repo / "recipes/tiny/fp8.yaml", ["precision.recipe=bf16"], extra_choices=choices)
+    assert back.precision.x.format is None and back.precision.smooth_swiglu is False  # no fp8 defaults left
+    base = load_config(repo / "recipes/tiny/bf16.yaml", extra_choices=choices)
+    assert (fp8.model, fp8.train, fp8.optim, fp8.data) == (base.model, base.train, base.optim, base.data)

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from megatron_lowp.config import load_config
-from megatron_lowp.errors import UserError
 from megatron_lowp.device import get_device
+from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model
 from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec, build_recipe, role_spec
@@ -256,3 +256,17 @@ def test_fp8_delayed_training_resumes_bit_identically(repo, tmp_path):
         return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
 
     assert numbers(resumed.run_dir) == numbers(straight.run_dir) and len(numbers(straight.run_dir)) == 6
+
+
+def test_fp8_recipe_builds_the_papers_layers(repo):
+    from megatron_lowp.model.llama import SmoothGatedSiLU
+    from megatron_lowp.precision import available_recipes
+
+    cfg = load_config(repo / "recipes/tiny/fp8.yaml", ["model.vocab_size=4096"],
+                      extra_choices={"precision.recipe": available_recipes()})
+    model = build_model(cfg.model, build_recipe(cfg, get_device("cpu")))
+    qkv = model.layers[0].attn.qkv
+    assert isinstance(qkv, QuantizedLinear) and set(qkv.delayed.specs) == {"x", "w", "dy", "w_t", "dy_t", "x_t"}
+    assert qkv.specs.dy == QuantSpec("fp8_e5m2", "stochastic", (("power_of_two", True), ("scaling", "tensor")), 1)
+    assert isinstance(model.layers[3].mlp.act, SmoothGatedSiLU)
+    assert type(model.lm_head) is nn.Linear  # the LM head stays high precision

@@ -21,6 +21,9 @@ from megatron_lowp.errors import UserError
 
 COMMAND_LINE = "command line"
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# A named precision recipe's package (e.g. fp8: its role formats, Smooth-SwiGLU, FP8 moments), as
+# defaults under whatever the recipe file or the command line sets, so each part can be switched off.
+RECIPE_DEFAULTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "precision"
 
 
 def read_yaml(path: Path) -> dict:
@@ -116,6 +119,21 @@ def _apply_preset(values: dict[str, Any], sources: dict[str, str]) -> None:
     for key in [k for k, src in sources.items() if k.startswith("model.") and Path(src).parent == PRESET_DIR]:
         if key != "model.preset":
             del values[key], sources[key]
+    for key, value in _flatten(read_yaml(path)).items():
+        if key not in values:
+            values[key] = value
+            sources[key] = str(path)
+
+
+def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Fill keys from configs/precision/<precision.recipe>.yaml (if the recipe has one) under the
+    explicitly set ones. Defaults of another recipe (from a file that extends one) give way first."""
+    name = values.get("precision.recipe")
+    for key in [k for k, src in sources.items() if Path(src).parent == RECIPE_DEFAULTS_DIR]:
+        del values[key], sources[key]
+    path = RECIPE_DEFAULTS_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        return
     for key, value in _flatten(read_yaml(path)).items():
         if key not in values:
             values[key] = value
@@ -284,6 +302,7 @@ def load_config(
         values[key] = value
         sources[key] = COMMAND_LINE
     _apply_preset(values, sources)
+    _apply_recipe_defaults(values, sources)
     cfg = _build(Config, _unflatten(values), sources, extra_choices or {})
     _validate(cfg, sources)
     return cfg

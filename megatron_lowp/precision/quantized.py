@@ -84,7 +84,11 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
     )
 
 
-@register_recipe("custom")
-def custom_recipe(cfg, device) -> QuantizedRecipe:
+def recipe_from_roles(cfg, device) -> QuantizedRecipe:
+    """custom, and the named recipes whose package is YAML defaults (configs/precision/<name>.yaml)."""
     specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role), f"precision.{role}") for role in ROLES})
-    return quantized_recipe(cfg, device, "custom", specs)
+    return quantized_recipe(cfg, device, cfg.precision.recipe, specs)
+
+
+register_recipe("custom")(recipe_from_roles)
+register_recipe("fp8")(recipe_from_roles)  # its roles, Smooth-SwiGLU and delayed scales: configs/precision/fp8.yaml
