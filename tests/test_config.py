@@ -1,5 +1,7 @@
 """Recipe loading: extends, presets, overrides, and the errors users see for their mistakes."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -154,4 +156,7 @@ def test_named_recipe_brings_its_package_and_each_part_can_be_switched_off(repo)
     back = load_config(repo / "recipes/tiny/fp8.yaml", ["precision.recipe=bf16"], extra_choices=choices)
     assert back.precision.x.format is None and back.precision.smooth_swiglu is False  # no fp8 defaults left
     base = load_config(repo / "recipes/tiny/bf16.yaml", extra_choices=choices)
-    assert (fp8.model, fp8.train, fp8.optim, fp8.data) == (base.model, base.train, base.optim, base.data)
+    assert (fp8.model, fp8.train, fp8.data) == (base.model, base.train, base.data)
+    assert fp8.optim.moments == "fp8" and dataclasses.replace(fp8.optim, moments="fp32") == base.optim
+    no_fp8_moments = load_config(repo / "recipes/tiny/fp8.yaml", ["optim.moments=fp32"], extra_choices=choices)
+    assert no_fp8_moments.optim.moments == "fp32" and no_fp8_moments.precision.x.format == "fp8_e4m3"

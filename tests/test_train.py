@@ -152,6 +152,12 @@ def test_incompatible_checkpoint(repo, tmp_path, reference_run):
         train(small_cfg(repo, tmp_path, "run.name=ref", "model.d_model=32", "train.steps=12"))
 
 
+def test_resuming_with_other_moment_storage_is_refused(repo, tmp_path, reference_run):
+    shutil.copytree(reference_run.run_dir, tmp_path / "ref")
+    with pytest.raises(UserError, match=r"optim.moments: checkpoint 'fp32', recipe 'fp8'"):
+        train(small_cfg(repo, tmp_path, "run.name=ref", "optim.moments=fp8", "train.steps=12"))
+
+
 def test_resume_never_refuses_an_existing_run_and_overwrite_moves_it_aside(repo, tmp_path, reference_run):
     shutil.copytree(reference_run.run_dir, tmp_path / "ref")
     with pytest.raises(UserError, match="already holds a run"):

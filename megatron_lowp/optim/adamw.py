@@ -1,4 +1,7 @@
-"""AdamW over FP32 master weights, with weight decay only on matrices (not norms or biases)."""
+"""AdamW over FP32 master weights, with weight decay only on matrices (not norms or biases).
+
+optim.moments=fp32 is torch's AdamW; bf16 / fp8 store the moments in low precision
+(LowPrecisionAdamW, same update math)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import torch
 from torch import nn
 
 from megatron_lowp.config.schema import OptimConfig
+from megatron_lowp.errors import UserError
+from megatron_lowp.optim.lowp_adamw import LowPrecisionAdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -20,6 +25,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.moments == "fp32" and cfg.moments_rounding == "stochastic":
+        raise UserError("optim.moments_rounding: 'stochastic' needs optim.moments=fp8 (fp32 moments are not rounded)")
+    if cfg.moments != "fp32":
+        return LowPrecisionAdamW(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            moments=cfg.moments,
+            moment1_format=cfg.moment1_format,
+            moment2_format=cfg.moment2_format,
+            rounding=cfg.moments_rounding,
+        )
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

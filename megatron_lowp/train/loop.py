@@ -66,11 +66,17 @@ SHAPE_KEYS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_head
               "multiple_of", "tie_embeddings")
 
 
+def _moment_keys(optim: dict) -> tuple[str, ...]:
+    """How the Adam moments are stored: a checkpoint's moments only load into the same storage."""
+    return ("moments", "moment1_format", "moment2_format") if optim.get("moments") == "fp8" else ("moments",)
+
+
 def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
-    saved = meta.get("config", {}).get("model", {})
-    now = config_to_dict(cfg)["model"]
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, recipe {now[k]!r}" for k in SHAPE_KEYS
-             if k in saved and saved[k] != now[k]]
+    saved_cfg, now_cfg = meta.get("config", {}), config_to_dict(cfg)
+    checked = (("model", SHAPE_KEYS), ("optim", _moment_keys(now_cfg["optim"])))
+    diffs = [f"{section}.{k}: checkpoint {saved_cfg[section][k]!r}, recipe {now_cfg[section][k]!r}"
+             for section, keys in checked
+             for k in keys if k in saved_cfg.get(section, {}) and saved_cfg[section][k] != now_cfg[section][k]]
     if diffs:
         raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
 
