@@ -11,7 +11,7 @@ from megatron_lowp.model import build_model
 from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec, build_recipe, role_spec
 from megatron_lowp.train import train
-from megatron_lowp.train.metrics import read_metrics
+from tests.test_train import losses, small_cfg
 
 NV = QuantSpec("nvfp4")
 NV_SR = QuantSpec("nvfp4", "stochastic")
@@ -111,25 +111,20 @@ def test_role_sections_from_yaml():
     assert role_spec(cfg.precision.w) is None
 
 
+def assert_resume_is_bit_identical(repo, tmp_path, *precision):
+    """6 straight steps == 3 steps + resume for 3, every logged number compared with ==."""
+    steps = ["train.steps=6", "train.eval_every=3", "train.eval_iters=1", "train.checkpoint_every=3", *precision]
+    straight = train(small_cfg(repo, tmp_path, "run.name=a", *steps))
+    train(small_cfg(repo, tmp_path, "run.name=b", "train.stop_at_step=3", *steps))
+    resumed = train(small_cfg(repo, tmp_path, "run.name=b", *steps))
+    assert losses(resumed.run_dir) == losses(straight.run_dir) and len(losses(straight.run_dir)) == 6
+
+
 def test_quantized_training_resumes_bit_identically(repo, tmp_path):
     """NVFP4 all the way with stochastic rounding: the SR streams travel in the checkpoint."""
-    args = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.ffn_hidden_size=128", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8",
-            "train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_iters=1",
-            "train.checkpoint_every=3", "logging.progress=false", f"run.out_dir={tmp_path}", "precision.recipe=custom"]
-    for role in ("x", "w", "dy", "w_t", "dy_t", "x_t"):
-        args.append(f"precision.{role}.format=nvfp4")
-    args += ["precision.dy.rounding=stochastic", "precision.dy_t.rounding=stochastic", "precision.x_t.rounding=stochastic"]
-    choices = {"precision.recipe": ("bf16", "custom")}
-    straight = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=a"], extra_choices=choices))
-    train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b", "train.stop_at_step=3"], extra_choices=choices))
-    resumed = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b"], extra_choices=choices))
-
-    def numbers(run_dir):
-        return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
-
-    assert numbers(resumed.run_dir) == numbers(straight.run_dir)
-    assert len(numbers(straight.run_dir)) == 6
+    roles = [f"precision.{role}.format=nvfp4" for role in ("x", "w", "dy", "w_t", "dy_t", "x_t")]
+    sr = [f"precision.{role}.rounding=stochastic" for role in ("dy", "dy_t", "x_t")]
+    assert_resume_is_bit_identical(repo, tmp_path, "precision.recipe=custom", *roles, *sr)
 
 
 FP8_PAPER = GemmSpecs(x=E4, w=E4, dy=E5_SR, w_t=E4, dy_t=E5_SR, x_t=E4)
@@ -238,24 +233,12 @@ def test_delayed_needs_per_tensor_fp8():
 
 def test_fp8_delayed_training_resumes_bit_identically(repo, tmp_path):
     """The amax histories are in the checkpoint: a resumed run does not restart from fresh scales."""
-    args = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.ffn_hidden_size=128", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8",
-            "train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_iters=1",
-            "train.checkpoint_every=3", "logging.progress=false", f"run.out_dir={tmp_path}", "precision.recipe=custom",
-            "precision.smooth_swiglu=true"]
+    args = ["precision.recipe=custom", "precision.smooth_swiglu=true",
+            "precision.dy.rounding=stochastic", "precision.dy_t.rounding=stochastic"]
     for role, fmt in (("x", "fp8_e4m3"), ("w", "fp8_e4m3"), ("dy", "fp8_e5m2"), ("w_t", "fp8_e5m2"),
                       ("dy_t", "fp8_e5m2"), ("x_t", "fp8_e5m2")):
         args += [f"precision.{role}.format={fmt}", f"precision.{role}.amax=delayed", f"precision.{role}.power_of_two=true"]
-    args += ["precision.dy.rounding=stochastic", "precision.dy_t.rounding=stochastic"]
-    choices = {"precision.recipe": ("bf16", "custom")}
-    straight = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=a"], extra_choices=choices))
-    train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b", "train.stop_at_step=3"], extra_choices=choices))
-    resumed = train(load_config(repo / "recipes/quickstart.yaml", [*args, "run.name=b"], extra_choices=choices))
-
-    def numbers(run_dir):
-        return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
-
-    assert numbers(resumed.run_dir) == numbers(straight.run_dir) and len(numbers(straight.run_dir)) == 6
+    assert_resume_is_bit_identical(repo, tmp_path, *args)
 
 
 def test_fp8_recipe_builds_the_papers_layers(repo):

@@ -67,5 +67,4 @@ class GemmSpecs:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
 
-HIGH_PRECISION = GemmSpecs()
-__all__ = ["HIGH_PRECISION", "ROLES", "ROLE_AXIS", "GemmSpecs", "QuantSpec"]
+__all__ = ["ROLES", "ROLE_AXIS", "GemmSpecs", "QuantSpec"]
