@@ -42,6 +42,10 @@ def test_missing_data_and_tokenizer_write_nothing(repo, tmp_path):
                       "data.train:", "corpus.bin")
     assert_user_error(run_cli("train", recipe, f"run.out_dir={out}", f"data.tokenizer={tmp_path}/tok.model"),
                       "tok.model")
+    assert_user_error(run_cli("train", recipe, f"run.out_dir={out}", "precision.recipe=custom",
+                              "precision.x.format=nvfp4", "precision.x.amax=delayed"), "precision.x.amax")
+    assert_user_error(run_cli("train", recipe, f"run.out_dir={out}", "optim.moments=bf16",
+                              "optim.moments_rounding=stochastic"), "optim.moments_rounding")
     assert not out.exists()  # nothing was created for a run that could not start
 
 

@@ -104,13 +104,13 @@ class Trainer:
         if cfg.data.valid is not None and t.eval_every:
             self.valid_data = PackedTokenDataset(resolve_data_prefix(cfg.data.valid, "valid", "data.valid"), t.seq_len)
         self.stream = SampleStream(self.train_data, seed=cfg.run.seed)
-        self.run_dir = prepare_run_dir(cfg)
-        self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
-
         self.recipe = build_recipe(cfg, self.device)
         self.device.manual_seed(cfg.run.seed)
         self.model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # Only now, with every user setting checked, does anything get written.
+        self.run_dir = prepare_run_dir(cfg)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
         self.step = 0
         self.consumed_samples = 0
         self.tokens = 0  # trained tokens; kept separately since seq_len may change on resume
