@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lowp.errors import UserError
+from megatron_lowp.numerics.cpu_compile import cpu_compiled
 from megatron_lowp.numerics.formats import FloatFormat
 
 ROUNDING_MODES = ("nearest", "stochastic")
@@ -43,14 +44,19 @@ def round_to_format(
     check_rounding(rounding)
     if x.dtype != torch.float32:
         raise TypeError(f"round_to_format expects float32, got {x.dtype}")
+    if rounding == "stochastic" and (u is None or u.shape != x.shape):
+        raise ValueError("stochastic rounding needs uniforms u with the shape of x")
+    return _round(x, fmt, rounding, u, numel=x.numel(), on_cpu=x.device.type == "cpu")
+
+
+@cpu_compiled
+def _round(x: torch.Tensor, fmt: FloatFormat, rounding: str, u: torch.Tensor | None) -> torch.Tensor:
     a = torch.clamp(x.abs(), max=fmt.max_value)
     ulp = grid_ulp(a, fmt)
     scaled = a / ulp  # exact: division by a power of two, result < 2^(man_bits + 1)
     if rounding == "nearest":
         q = torch.round(scaled)
     else:
-        if u is None or u.shape != x.shape:
-            raise ValueError("stochastic rounding needs uniforms u with the shape of x")
         low = torch.floor(scaled)
         q = low + (u < (scaled - low)).to(torch.float32)
     return torch.copysign(q * ulp, x)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lowp.errors import UserError
+from megatron_lowp.numerics.cpu_compile import cpu_compiled
 
 _MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -66,6 +67,16 @@ def hash32(seed: int, counter: torch.Tensor) -> torch.Tensor:
     return fmix32((h + hi + k1) & _MASK32)
 
 
+def _uniform_flat(k0: int, k1: int, offset: int, n: int, device: torch.device | None) -> torch.Tensor:
+    counter = torch.arange(n, dtype=torch.int64, device=device) + offset
+    lo, hi = counter & _MASK32, counter >> 32
+    h = fmix32(fmix32(lo ^ k0) + hi + k1 & _MASK32)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+_uniform_flat_fast = cpu_compiled(_uniform_flat)
+
+
 def uniform(
     seed: int, offset: int, shape: torch.Size | tuple[int, ...], device: torch.device | None = None
 ) -> torch.Tensor:
@@ -73,9 +84,9 @@ def uniform(
     n = 1
     for s in shape:
         n *= int(s)
-    counter = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    bits = hash32(seed, counter) >> 8
-    return (bits.to(torch.float32) * 2.0**-24).reshape(shape)
+    k0, k1 = _keys(_check_seed(seed))
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return _uniform_flat_fast(k0, k1, offset, n, device, numel=n, on_cpu=on_cpu).reshape(shape)
 
 
 class SRGenerator:
