@@ -109,14 +109,12 @@ def test_default_generator_advances():
     assert not torch.equal(a, b)  # the process default (seed 0) moved on
 
 
+@pytest.mark.filterwarnings("error:torch.compile of")  # a silent eager fallback would prove nothing
 def test_cpu_compiled_hash_and_rounding_give_the_eager_bits():
     """numerics/cpu_compile.py: the inductor-fused CPU path must not change a single bit."""
     from megatron_lowp.numerics import cpu_compile, rounding, sr_random
     from megatron_lowp.numerics.formats import E4M3, E5M2
 
-    import warnings
-
-    warnings.filterwarnings("error", message="torch.compile of")  # a silent eager fallback would prove nothing
     n = cpu_compile.COMPILE_MIN_NUMEL * 2 + 5
     for seed, offset in ((3, 0), (2**40 + 17, 2**32 - 1000)):  # the counter crosses 2^32 in the second
         k0, k1 = sr_random._keys(seed)

@@ -37,7 +37,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("llama", "llama")
+    arch: str = choice("llama", "llama", "ngpt", doc="ngpt: the normalized Transformer (model/ngpt.py)")
     preset: str | None = None  # fills dimensions not set explicitly, from configs/model/<preset>.yaml
     vocab_size: int | None = bounded(None, ge=2, doc="null: follow the tokenizer")
     d_model: int = bounded(256, ge=8)
@@ -51,6 +51,12 @@ class ModelConfig:
     norm_eps: float = bounded(1e-5, gt=0)
     tie_embeddings: bool = False
     init_std: float = bounded(0.02, gt=0)
+    # MLP: swiglu (gated SiLU, Llama and the original nGPT) or relu2 (squared ReLU, ungated: the
+    # nGPT-NVFP4 paper's 1.2B model).
+    mlp: str = choice("swiglu", "swiglu", "relu2")
+    # nGPT only (arch: ngpt)
+    ngpt_alpha_init: float = bounded(0.05, gt=0, doc="ngpt: initial eigen learning rate of the residual updates")
+    ngpt_normalize_down_inputs: bool = True  # ngpt: unit-norm inputs of attn.out and mlp.down ("FNGPT")
 
 
 @dataclass
@@ -70,6 +76,28 @@ class RoleConfig:
 
 
 @dataclass
+class QafConfig:
+    """Quantization-aware finetuning ("FP4 All the Way"): a closing phase whose forward stays
+    quantized while backward and update run in high precision, with the learning rate re-warmed."""
+
+    start_step: int | None = bounded(None, ge=1, doc="first QAF step")
+    start_tokens: int | None = bounded(None, ge=1, doc="start once this many tokens are trained")
+    start_fraction: float | None = bounded(None, gt=0, le=1, doc="start at this fraction of train.steps")
+    auto: bool = False  # start when the gradient-noise ratio falls below precision.grad_noise.threshold
+    warmup_steps: int = bounded(40, ge=0, doc="linear re-warmup after the switch (the paper: 40)")
+    lr: float | None = bounded(None, gt=0, doc="peak LR after the switch; null: optim.lr (the paper resets it)")
+
+
+@dataclass
+class GradNoiseConfig:
+    """The sqrt(3) rule ("FP4 All the Way"): every N steps measure ||grad|| / (sigma_q sqrt(d)), the
+    gradient against the noise that quantized backward adds to it (precision/grad_noise.py)."""
+
+    every: int = bounded(0, ge=0, doc="steps between measurements; 0 turns the monitor off")
+    threshold: float = bounded(3**0.5, gt=0, doc="warn (and start QAF if qaf.auto) below this ratio")
+
+
+@dataclass
 class PrecisionConfig:
     recipe: str = "bf16"  # allowed values: the registered recipes (megatron_lowp.precision)
     # Per-role specs, used by recipe: custom (named recipes bring their own).
@@ -84,8 +112,15 @@ class PrecisionConfig:
     high_precision: list[str] = field(default_factory=lambda: ["lm_head"])
     high_precision_first_blocks: int = bounded(0, ge=0)
     high_precision_last_blocks: int = bounded(0, ge=0)
-    # Smooth-SwiGLU (per-token rescaling of the MLP's linear branch; exact reformulation, any recipe).
+    # Smooth-SwiGLU: rescale the MLP's linear branch before the down projection (an exact
+    # reformulation, any recipe); per token (the FP8 paper's code) or per FFN channel (its text).
     smooth_swiglu: bool = False
+    smooth_swiglu_granularity: str = choice("token", "token", "channel")
+    qaf: QafConfig = field(default_factory=QafConfig)
+    grad_noise: GradNoiseConfig = field(default_factory=GradNoiseConfig)
+    # Per-layer numerics telemetry (amax, overflow and underflow rates per role) into numerics.jsonl
+    # every N optimizer steps; 0 turns it off.
+    telemetry_every: int = bounded(0, ge=0)
     # emulated: quantize-dequantize then matmul (every device, the reference); native: FP8 GEMMs on
     # the FP8 bytes (torch._scaled_mm) where both operands are per-tensor FP8.
     backend: str = choice("emulated", "emulated", "native")
@@ -107,6 +142,7 @@ class OptimConfig:
     schedule: str = choice("cosine", "cosine", "wsd", "constant")
     warmup_steps: int = bounded(0, ge=0)
     decay_fraction: float = bounded(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
+    decay_shape: str = choice("linear", "linear", "1-sqrt", doc="wsd: shape of the decay")
 
 
 @dataclass

@@ -3,7 +3,13 @@
 from megatron_lowp.precision import bf16 as _bf16  # noqa: F401  (registers the recipe)
 from megatron_lowp.precision import quantized as _quantized  # noqa: F401  (registers "custom")
 from megatron_lowp.precision.quantized import QuantizedRecipe, role_spec
-from megatron_lowp.precision.quantized_linear import QuantizedLinear, QuantizedLinearFunction, commit_amax_histories
+from megatron_lowp.precision.quantized_linear import (
+    QuantizedLinear,
+    QuantizedLinearFunction,
+    commit_amax_histories,
+    high_precision_backward,
+    set_high_precision_backward,
+)
 from megatron_lowp.precision.recipe import (
     LinearFactory,
     PrecisionRecipe,
@@ -16,5 +22,5 @@ from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
 __all__ = [
     "ROLES", "ROLE_AXIS", "GemmSpecs", "LinearFactory", "PrecisionRecipe", "QuantSpec", "QuantizedLinear",
     "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "commit_amax_histories",
-    "register_recipe", "role_spec",
+    "high_precision_backward", "register_recipe", "role_spec", "set_high_precision_backward",
 ]

@@ -21,6 +21,7 @@ module's state_dict (as `sr_state`), so a resumed run continues the same random 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -147,6 +148,7 @@ class QuantizedLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         self.in_features, self.out_features, self.specs, self.name = in_features, out_features, specs, name
+        self.training_specs = specs  # `specs` becomes specs.forward_only() while backward runs in high precision
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
@@ -183,6 +185,27 @@ class QuantizedLinear(nn.Module):
         roles = ", ".join(f"{r}={getattr(self.specs, r).fmt}" for r in ROLE_AXIS if getattr(self.specs, r) is not None)
         return (f"in_features={self.in_features}, out_features={self.out_features}, {roles or 'high precision'}, "
                 f"backend={self.backend}")
+
+
+def set_high_precision_backward(model: nn.Module, enabled: bool) -> None:
+    """Run the backward GEMMs (dgrad, wgrad) of every quantized linear in high precision, or back in
+    their recipe's formats. Forward quantization is unchanged: QAF and the gradient-noise monitor
+    both compare the same quantized forward under two backward precisions."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.specs = module.training_specs.forward_only() if enabled else module.training_specs
+
+
+@contextlib.contextmanager
+def high_precision_backward(model: nn.Module):
+    """set_high_precision_backward for a block of code, restoring each layer's specs afterwards."""
+    saved = {m: m.specs for m in model.modules() if isinstance(m, QuantizedLinear)}
+    set_high_precision_backward(model, True)
+    try:
+        yield
+    finally:
+        for module, specs in saved.items():
+            module.specs = specs
 
 
 def commit_amax_histories(model: nn.Module, reduce_max: ReduceMax | None = None) -> None:

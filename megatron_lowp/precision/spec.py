@@ -62,6 +62,10 @@ class GemmSpecs:
     dy_t: QuantSpec | None = None
     x_t: QuantSpec | None = None
 
+    def forward_only(self) -> GemmSpecs:
+        """These specs with every backward role (dgrad and wgrad operands) in high precision."""
+        return GemmSpecs(x=self.x, w=self.w)
+
     @property
     def quantizes_anything(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
