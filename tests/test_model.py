@@ -130,10 +130,12 @@ def test_ffn_rule():
     assert ffn_hidden_size(cfg) == 11008  # Llama-2-7B's MLP width from the 8/3 rule
 
 
-def test_smooth_swiglu_is_an_exact_reformulation():
+@pytest.mark.parametrize("activation", ["smooth_swiglu", "smooth_swiglu_channel"])
+def test_smooth_swiglu_is_an_exact_reformulation(activation):
+    """Per token and per channel: same logits (FP32, < 1e-5) and same gradients as plain SwiGLU."""
     cfg = small_cfg()
     plain = build_model(cfg, fp32_recipe())
-    smooth = build_model(cfg, PrecisionRecipe(name="fp32", autocast_dtype=None, mlp_activation="smooth_swiglu"))
+    smooth = build_model(cfg, PrecisionRecipe(name="fp32", autocast_dtype=None, mlp_activation=activation))
     smooth.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, 97, (2, 12))
     lp, ls = plain(tokens), smooth(tokens)
@@ -151,12 +153,18 @@ def test_smooth_swiglu_bounds_the_down_projection_input():
     gate, up = torch.randn(6, 32), torch.randn(6, 32)
     up[2] *= 1000.0  # one token with a huge linear branch (the outlier SwiGLU grows late in training)
     up[4] = 0.0  # and an all-zero row
-    h, s = SmoothGatedSiLU()(gate, up)
-    h_plain, none = GatedSiLU()(gate, up)
-    assert none is None
+    h, s, none = SmoothGatedSiLU()(gate, up)
+    h_plain, *nones = GatedSiLU()(gate, up)
+    assert none is None and nones == [None, None]
     assert torch.equal(s[4], torch.ones(1)) and torch.equal(h[4], torch.zeros(32))
     assert (h.abs() <= F.silu(gate).abs() + 1e-7).all()  # |up / s| <= 1
     assert torch.allclose(h * s, h_plain, rtol=1e-6, atol=1e-6)
+
+    up[:, 5] = 0.0  # an all-zero channel
+    h, none, c = SmoothGatedSiLU("channel")(gate, up)
+    assert none is None and c.shape == (32,) and c[5] == 1.0
+    assert (h.abs() <= F.silu(gate).abs() + 1e-7).all()
+    assert torch.allclose(h * c, F.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
 def test_smooth_swiglu_protects_other_tokens_from_an_outlier_under_fp8():
@@ -171,7 +179,7 @@ def test_smooth_swiglu_protects_other_tokens_from_an_outlier_under_fp8():
     exact = GatedSiLU()(gate, up)[0] @ w_down.t()
 
     def relative_error(act):
-        h, s = act(gate, up)
+        h, s, _ = act(gate, up)
         y = fake_quantize(h, "fp8_e4m3") @ w_down.t()
         y = y if s is None else y * s
         ordinary = torch.arange(64) != 7
@@ -179,3 +187,45 @@ def test_smooth_swiglu_protects_other_tokens_from_an_outlier_under_fp8():
 
     plain_err, smooth_err = relative_error(GatedSiLU()), relative_error(SmoothGatedSiLU())
     assert smooth_err < 0.05 < plain_err  # measured 0.026 vs 0.35: ordinary tokens lose their small values
+
+
+def aligned_mlp(gain: float, seed: int = 0):
+    """An MLP in the state the FP8 paper blames for late divergence: in one FFN channel the gate and
+    linear weights have aligned (w_up = w_gate, Theorem 1's w1 -> +-w2) and grown to norm `gain`, so
+    that channel's SwiGLU output is quadratic in its input. Most tokens do not drive that channel;
+    one in 32 drives it hard and becomes a quadratic outlier."""
+    torch.manual_seed(seed)
+    d, hidden, tokens = 64, 256, 128
+    w_gate, w_up = torch.randn(hidden, d) / d**0.5, torch.randn(hidden, d) / d**0.5
+    w_down = torch.randn(d, hidden) / hidden**0.5
+    u = F.normalize(torch.randn(d), dim=0)
+    w_gate[3] = w_up[3] = gain * u
+    x = torch.randn(tokens, d)
+    x -= torch.outer(x @ u, u)
+    x[::32] += 5.0 * u
+    return x @ w_gate.t(), x @ w_up.t(), w_down
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_smooth_swiglu_cuts_fp8_mlp_error_10x_when_gate_and_linear_weights_align(granularity):
+    """The down projection in FP8 E4M3 (per-tensor current scales for its input and its weight, the
+    per-channel scales folded into the weight before it is quantized), against FP32: the mean
+    per-token relative error of the MLP output is at least 10x smaller with Smooth-SwiGLU. Without
+    it the outlier tokens' quadratic values set the input's scale and the other tokens flush to
+    zero (measured: plain 0.96, per token 0.039, per channel 0.039)."""
+    from megatron_lowp.model.llama import GatedSiLU, SmoothGatedSiLU
+    from megatron_lowp.numerics import fake_quantize
+
+    gate, up, w_down = aligned_mlp(gain=300.0)
+    exact = GatedSiLU()(gate, up)[0] @ w_down.t()
+
+    def mlp_error(act) -> float:
+        h, row, col = act(gate, up)
+        down = w_down if col is None else w_down * col
+        y = fake_quantize(h, "fp8_e4m3") @ fake_quantize(down, "fp8_e4m3").t()
+        y = y if row is None else y * row
+        return ((y - exact).norm(dim=-1) / exact.norm(dim=-1)).mean().item()
+
+    plain, smooth = mlp_error(GatedSiLU()), mlp_error(SmoothGatedSiLU(granularity))
+    assert smooth * 10 <= plain, (plain, smooth)
+    assert smooth < 0.06  # about FP8's own error: nothing left of the outlier's damage

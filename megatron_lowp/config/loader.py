@@ -120,9 +120,14 @@ def _apply_preset(values: dict[str, Any], sources: dict[str, str]) -> None:
         if key != "model.preset":
             del values[key], sources[key]
     for key, value in _flatten(read_yaml(path)).items():
-        if key not in values:
+        group = next((g for g in EXCLUSIVE_KEYS if key in g), (key,))
+        if not any(k in values for k in group):
             values[key] = value
             sources[key] = str(path)
+
+
+# Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
+EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
 
 
 def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -135,9 +140,14 @@ def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> N
     if not isinstance(name, str) or not path.is_file():
         return
     for key, value in _flatten(read_yaml(path)).items():
-        if key not in values:
+        group = next((g for g in EXCLUSIVE_KEYS if key in g), (key,))
+        if not any(k in values for k in group):
             values[key] = value
             sources[key] = str(path)
+
+
+# Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
+EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
 
 
 def _unflatten(values: dict[str, Any]) -> dict:
@@ -256,6 +266,13 @@ def _build(cls: type, tree: dict, sources: dict[str, str], extra: dict[str, tupl
     return cls(**kwargs)
 
 
+def _get(cfg: Config, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _validate(cfg: Config, sources: dict[str, str]) -> None:
     """Rules that involve more than one key."""
 
@@ -280,6 +297,11 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         fail("optim.warmup_steps", f"{o.warmup_steps} exceeds train.steps ({t.steps})")
     if o.min_lr > o.lr:
         fail("optim.min_lr", f"{o.min_lr} exceeds optim.lr ({o.lr})")
+    qaf_starts = [k for k in EXCLUSIVE_KEYS[0] if _get(cfg, k) is not None]
+    if len(qaf_starts) > 1:
+        fail(qaf_starts[1], f"set only one of {', '.join(EXCLUSIVE_KEYS[0])} (also set: {qaf_starts[0]})")
+    if cfg.precision.qaf.auto and not cfg.precision.grad_noise.every:
+        fail("precision.qaf.auto", "needs the gradient-noise monitor: set precision.grad_noise.every > 0")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         fail("run.resume", f"'{cfg.run.resume}' is neither auto, never, nor an existing checkpoint path")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):

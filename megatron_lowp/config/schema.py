@@ -67,6 +67,8 @@ class RoleConfig:
     rounding: str = choice("nearest", *ROUNDING_MODES)
     scaling: str = choice("tensor", "tensor", "channel", doc="fp8: one scale per tensor or per row")
     power_of_two: bool = False  # fp8: round the scale down to a power of two (the FP8 paper)
+    flavour: str = choice("device", "device", "ocp", "gaudi2",
+                          doc="fp8_e4m3: the E4M3 variant; device: the one the device computes in (448 OCP, 240 Gaudi2)")
     tensor_scale: str = choice("amax", "amax", "fixed", "off", doc="nvfp4: the FP32 second-level scale")
     tensor_amax: float | None = bounded(None, gt=0, doc="nvfp4 with tensor_scale: fixed")
     scale_rounding: str = choice("decode", "decode", "encode", doc="nvfp4: TE/hardware or FP4-paper convention")

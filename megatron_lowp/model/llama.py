@@ -81,26 +81,48 @@ class Attention(nn.Module):
 
 
 class GatedSiLU(nn.Module):
-    """SwiGLU's gating, silu(gate) * up. Returns (h, row_scale): the down projection's input and
-    the per-row factor to multiply its output by (None: nothing to undo)."""
+    """SwiGLU's gating, silu(gate) * up. Returns (h, row_scale, col_scale): the down projection's
+    input, a per-token factor to multiply its output by, and a per-channel factor to fold into its
+    weight's columns (None: nothing to undo)."""
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return F.silu(gate) * up, None
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return F.silu(gate) * up, None, None
+
+
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row or channel needs no rescaling
 
 
 class SmoothGatedSiLU(nn.Module):
-    """Smooth-SwiGLU, per token (Fishman et al. 2025, as in their reference code): s = max|up| over
-    the FFN channels of each token, detached; h = silu(gate) * (up / s) stays bounded, so its
-    low-precision quantization before the down projection sees no quadratic outliers; the output
-    is multiplied back by s. Exact in real arithmetic, since a row scale commutes with x W^T."""
+    """Smooth-SwiGLU (Fishman et al. 2025): divide the linear branch by a detached scale s so the
+    down projection's input h = silu(gate) * (up / s) grows linearly, not quadratically, when the
+    gate and linear weights align; undo s after (or inside) the down projection. Exact in real
+    arithmetic either way:
+    - per token (the reference code): s = max|up| over each token's FFN channels; the output row is
+      multiplied back by s, since a row scale commutes with x W^T;
+    - per channel (the paper's text): s = max|up| over the tokens, one per FFN channel, folded into
+      the down-projection weight's columns (W diag(s)) before that weight is quantized."""
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        s = up.detach().abs().amax(dim=-1, keepdim=True)
-        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row needs no rescaling
-        return F.silu(gate) * (up / s), s
+    def __init__(self, granularity: str = "token"):
+        super().__init__()
+        if granularity not in ("token", "channel"):
+            raise ValueError(f"Smooth-SwiGLU granularity {granularity!r}: allowed token, channel")
+        self.granularity = granularity
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor):
+        a = up.detach().abs()
+        if self.granularity == "token":
+            s = _nonzero(a.amax(dim=-1, keepdim=True))
+            return F.silu(gate) * (up / s), s, None
+        s = _nonzero(a.reshape(-1, a.shape[-1]).amax(dim=0))
+        return F.silu(gate) * (up / s), None, s
 
 
-MLP_ACTIVATIONS = {"swiglu": GatedSiLU, "smooth_swiglu": SmoothGatedSiLU}
+MLP_ACTIVATIONS = {
+    "swiglu": GatedSiLU,
+    "smooth_swiglu": SmoothGatedSiLU,
+    "smooth_swiglu_channel": lambda: SmoothGatedSiLU("channel"),
+}
 
 
 class SwiGLU(nn.Module):
@@ -113,8 +135,8 @@ class SwiGLU(nn.Module):
         self.act = MLP_ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, row_scale = self.act(self.gate(x), self.up(x))
-        y = self.down(h)
+        h, row_scale, col_scale = self.act(self.gate(x), self.up(x))
+        y = self.down(h) if col_scale is None else self.down(h, col_scale=col_scale)
         return y if row_scale is None else y * row_scale
 
 
@@ -169,6 +191,10 @@ class Llama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step; Llama has nothing to do (nGPT
+        renormalizes its weights here)."""
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once

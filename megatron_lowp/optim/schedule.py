@@ -2,8 +2,12 @@
 
 - constant: linear warmup, then `lr`.
 - cosine:   linear warmup, then cosine from `lr` down to `min_lr` at the last step.
-- wsd:      warmup-stable-decay: linear warmup, `lr` held, then a linear decay to `min_lr` over the
-            last `decay_fraction` of the steps (the MiniCPM / "scaling laws beyond fixed budgets" form).
+- wsd:      warmup-stable-decay: linear warmup, `lr` held, then a decay to `min_lr` over the last
+            `decay_fraction` of the steps, linear or "1-sqrt" (lr scaled by 1 - sqrt(progress), the
+            nGPT-NVFP4 paper's runs).
+- QAF phase (qaf_lr_at): from the switch step, a linear re-warmup to the QAF peak over
+  `qaf.warmup_steps`, then cosine down to `min_lr` at the last step ("FP4 All the Way": LR reset,
+  40-step warmup, cosine). The main schedule before the switch is the run's own, unchanged.
 Steps are 1-based: step 1 is the first optimizer update.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from megatron_lowp.config.schema import OptimConfig
+from megatron_lowp.config.schema import OptimConfig, QafConfig
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -29,5 +33,18 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         if step <= decay_start:
             return cfg.lr
         progress = min((step - decay_start) / decay_steps, 1.0)
-        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+        shape = progress if cfg.decay_shape == "linear" else math.sqrt(progress)
+        return cfg.lr + (cfg.min_lr - cfg.lr) * shape
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def qaf_lr_at(step: int, start: int, qaf: QafConfig, cfg: OptimConfig, total_steps: int) -> float:
+    """The LR of `step` in a QAF phase that began at step `start` (its first step is start)."""
+    peak = qaf.lr if qaf.lr is not None else cfg.lr
+    k = step - start + 1
+    if qaf.warmup_steps and k <= qaf.warmup_steps:
+        return peak * k / qaf.warmup_steps
+    span = max(total_steps - start + 1 - qaf.warmup_steps, 1)
+    progress = min(max(k - qaf.warmup_steps, 0) / span, 1.0)
+    floor = min(cfg.min_lr, peak)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))

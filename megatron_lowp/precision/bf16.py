@@ -9,14 +9,14 @@ import logging
 
 import torch
 
-from megatron_lowp.precision.recipe import PrecisionRecipe, register_recipe
+from megatron_lowp.precision.recipe import PrecisionRecipe, mlp_activation, register_recipe
 
 log = logging.getLogger(__name__)
 
 
 @register_recipe("bf16")
 def bf16_recipe(cfg, device) -> PrecisionRecipe:
-    activation = "smooth_swiglu" if cfg.precision.smooth_swiglu else "swiglu"
+    activation = mlp_activation(cfg.precision)
     if device.supports_autocast(torch.bfloat16):
         return PrecisionRecipe(name="bf16", autocast_dtype=torch.bfloat16, mlp_activation=activation)
     log.warning("%s has no BF16 autocast; the bf16 recipe computes in FP32", device)

@@ -17,14 +17,15 @@ from torch import nn
 from megatron_lowp.config.schema import RoleConfig
 from megatron_lowp.errors import UserError
 from megatron_lowp.precision.quantized_linear import QuantizedLinear
-from megatron_lowp.precision.recipe import PrecisionRecipe, register_recipe
+from megatron_lowp.precision.recipe import PrecisionRecipe, mlp_activation, register_recipe
 from megatron_lowp.precision.spec import ROLES, GemmSpecs, QuantSpec
 
 _BLOCK_INDEX = re.compile(r"^layers\.(\d+)\.")
 
 
-def role_spec(role: RoleConfig, key: str = "precision.<role>") -> QuantSpec | None:
-    """The QuantSpec a role section describes, with only the options its format understands."""
+def role_spec(role: RoleConfig, key: str = "precision.<role>", e4m3_max: float = 448.0) -> QuantSpec | None:
+    """The QuantSpec a role section describes, with only the options its format understands.
+    `e4m3_max` is the device's E4M3 maximum, used where the role's flavour is "device"."""
     if role.format is None:
         return None
     if role.amax == "delayed" and not (role.format.startswith("fp8") and role.scaling == "tensor"):
@@ -33,6 +34,9 @@ def role_spec(role: RoleConfig, key: str = "precision.<role>") -> QuantSpec | No
     options: dict = {}
     if role.format.startswith("fp8"):
         options = {"scaling": role.scaling, "power_of_two": role.power_of_two}
+        if role.format == "fp8_e4m3":
+            flavour = role.flavour if role.flavour != "device" else ("gaudi2" if e4m3_max == 240.0 else "ocp")
+            options["flavour"] = flavour
     elif role.format == "nvfp4":
         options = {"tensor_scale": role.tensor_scale, "scale_rounding": role.scale_rounding, "tile": role.tile}
         if role.tensor_scale == "fixed":
@@ -77,7 +81,7 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
         )
     dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
     return QuantizedRecipe(
-        name=name, autocast_dtype=dtype, mlp_activation="smooth_swiglu" if p.smooth_swiglu else "swiglu",
+        name=name, autocast_dtype=dtype, mlp_activation=mlp_activation(p),
         specs=specs, high_precision=tuple(p.high_precision),
         first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
         n_layers=cfg.model.n_layers, seed=cfg.run.seed, backend=p.backend,
@@ -86,9 +90,20 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
 
 def recipe_from_roles(cfg, device) -> QuantizedRecipe:
     """custom, and the named recipes whose package is YAML defaults (configs/precision/<name>.yaml)."""
-    specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role), f"precision.{role}") for role in ROLES})
+    e4m3_max = device.capabilities.fp8_e4m3_max
+    specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role), f"precision.{role}", e4m3_max) for role in ROLES})
     return quantized_recipe(cfg, device, cfg.precision.recipe, specs)
 
 
 register_recipe("custom")(recipe_from_roles)
 register_recipe("fp8")(recipe_from_roles)  # its roles, Smooth-SwiGLU and delayed scales: configs/precision/fp8.yaml
+register_recipe("fp4")(recipe_from_roles)  # NVFP4 split rounding, Smooth-SwiGLU, QAF: configs/precision/fp4.yaml
+
+
+@register_recipe("ngpt_fp4")
+def ngpt_fp4_recipe(cfg, device) -> QuantizedRecipe:
+    """NVFP4 with fixed tensor scales: only sound on nGPT, whose forward operands are bounded by 1."""
+    if cfg.model.arch != "ngpt":
+        raise UserError(f"precision.recipe: 'ngpt_fp4' needs model.arch: ngpt (not {cfg.model.arch}): its fixed "
+                        "NVFP4 tensor scale (amax = 1) is exact only for nGPT's unit-norm operands; use fp4 instead")
+    return recipe_from_roles(cfg, device)

@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_lowp.numerics import E5M2, QuantizedTensor, SRGenerator
 from megatron_lowp.numerics.formats import e4m3_flavour
+from megatron_lowp.numerics.stats import quantization_stats
 from megatron_lowp.precision.delayed import DelayedScaling, ReduceMax
 from megatron_lowp.precision.spec import ROLE_AXIS, GemmSpecs, QuantSpec
 
@@ -42,10 +43,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class RoleQuantizer:
     """Quantizes a layer's operands by role: its specs, its SR stream, and its delayed-scaling state.
     `observing` is True in training forwards (and always in backward): only they feed amaxes to
-    delayed scaling, so evaluation never moves the scales."""
+    delayed scaling, so evaluation never moves the scales. With `stats` (a dict, on telemetry steps)
+    every quantization also adds its amax/overflow/underflow counts there, by role; the quantized
+    bits and SR draws are the same either way (fake_quantize == quantize + dequantize)."""
 
-    def __init__(self, specs: GemmSpecs, gen: SRGenerator, delayed: DelayedScaling | None, observing: bool):
-        self.specs, self.gen, self.delayed, self.observing = specs, gen, delayed, observing
+    def __init__(self, specs: GemmSpecs, gen: SRGenerator, delayed: DelayedScaling | None, observing: bool,
+                 stats: dict[str, dict[str, torch.Tensor]] | None = None):
+        self.specs, self.gen, self.delayed, self.observing, self.stats = specs, gen, delayed, observing, stats
+
+    def _record(self, role: str, t: torch.Tensor, qt: QuantizedTensor) -> None:
+        new = quantization_stats(t, qt)
+        old = self.stats.get(role)
+        self.stats[role] = new if old is None else {
+            k: torch.maximum(old[k], v) if k == "amax" else old[k] + v for k, v in new.items()}
 
     def _extra(self, role: str, t: torch.Tensor) -> dict:
         if self.delayed is None or role not in self.delayed.specs:
@@ -60,12 +70,19 @@ class RoleQuantizer:
         spec = getattr(self.specs, role)
         if spec is None:
             return t.to(dtype)
+        if self.stats is not None:
+            return self.packed(role, t).dequantize(dtype)
         return spec.fake_quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t)).to(dtype)
 
     def packed(self, role: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor:
         """A QuantizedTensor to keep (for backward or a native GEMM), or t for a high-precision role."""
         spec = getattr(self.specs, role)
-        return t if spec is None else spec.quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t))
+        if spec is None:
+            return t
+        qt = spec.quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t))
+        if self.stats is not None:
+            self._record(role, t, qt)
+        return qt
 
 
 def _restore(saved, dtype: torch.dtype) -> torch.Tensor:
@@ -153,15 +170,18 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         self.sr = SRGenerator(seed=layer_seed(name, seed))
+        self.stats: dict[str, dict[str, torch.Tensor]] | None = None  # a dict while telemetry is on
         delayed = {r: getattr(specs, r) for r in ROLE_AXIS if getattr(specs, r) and getattr(specs, r).amax_history}
         fmt_max = {r: (E5M2 if spec.fmt == "fp8_e5m2" else e4m3_flavour(spec.kwargs().get("flavour", "ocp"))).max_value
                    for r, spec in delayed.items()}
         self.delayed = DelayedScaling(delayed, fmt_max) if delayed else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T, or x (W diag(col_scale))^T: the column scale is folded in before W is quantized."""
         observing = self.training and torch.is_grad_enabled()
-        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing)
-        return QuantizedLinearFunction.apply(x, self.weight, q, self.backend)
+        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats)
+        weight = self.weight if col_scale is None else self.weight * col_scale
+        return QuantizedLinearFunction.apply(x, weight, q, self.backend)
 
     def commit_amax(self, reduce_max: ReduceMax | None = None) -> None:
         """End of an optimizer step: this step's amaxes enter the delayed-scaling histories."""

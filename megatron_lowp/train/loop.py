@@ -23,10 +23,12 @@ from megatron_lowp.data import PackedTokenDataset, SampleStream, Tokenizer, embe
 from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
-from megatron_lowp.optim import build_optimizer, lr_at
-from megatron_lowp.precision import build_recipe, commit_amax_histories
+from megatron_lowp.optim import build_optimizer, lr_at, qaf_lr_at
+from megatron_lowp.precision import QuantizedLinear, build_recipe, commit_amax_histories, set_high_precision_backward
+from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
+from megatron_lowp.precision.telemetry import start_telemetry, telemetry_rows
 from megatron_lowp.train.checkpoint import CheckpointManager
-from megatron_lowp.train.metrics import MetricsLog
+from megatron_lowp.train.metrics import JsonlLog, MetricsLog
 from megatron_lowp.train.progress import Progress
 from megatron_lowp.train.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
 
@@ -90,6 +92,13 @@ def _check_single_process(cfg: Config) -> None:
         )
 
 
+def _check_qaf(cfg: Config, quantized: bool) -> None:
+    q = cfg.precision.qaf
+    if not quantized and (q.auto or any(v is not None for v in (q.start_step, q.start_tokens, q.start_fraction))):
+        raise UserError(f"precision.qaf: recipe '{cfg.precision.recipe}' quantizes no linear layer, so there is "
+                        "nothing to finetune for; QAF needs a quantized recipe (fp4, fp8, custom)")
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -108,6 +117,8 @@ class Trainer:
         self.device.manual_seed(cfg.run.seed)
         self.model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.quantized = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
+        _check_qaf(cfg, self.quantized)
         # Only now, with every user setting checked, does anything get written.
         self.run_dir = prepare_run_dir(cfg)
         self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
@@ -116,6 +127,11 @@ class Trainer:
         self.tokens = 0  # trained tokens; kept separately since seq_len may change on resume
         self.train_seconds = 0.0  # wall time spent training, summed over resumes
         self.resumed_from: Path | None = None
+        self.qaf_start_step: int | None = None  # first step of quantization-aware finetuning, once begun
+        self._qaf_requested = False  # by the gradient-noise monitor (precision.qaf.auto)
+        self.grad_noise_ratio: float | None = None  # the monitor's latest overall ratio
+        self.numerics_rows: list[dict] = []  # telemetry, gradient-noise and QAF rows for numerics.jsonl
+        self.notes: list[str] = []  # messages for the progress display
         resume_from = checkpoint_to_resume(cfg, self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
@@ -136,12 +152,16 @@ class Trainer:
         self.tokens = int(meta["tokens"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.resumed_from = path
+        if meta.get("qaf_start_step") is not None:
+            self.qaf_start_step = int(meta["qaf_start_step"])
+            set_high_precision_backward(self.model, True)
 
     def save_checkpoint(self) -> Path:
         meta = {
             "consumed_samples": self.consumed_samples,
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
+            "qaf_start_step": self.qaf_start_step,
             "version": __version__,
             "config": config_to_dict(self.cfg),
         }
@@ -154,25 +174,73 @@ class Trainer:
             logits = self.model(batch[:, :-1])
         return cross_entropy_loss(logits, batch[:, 1:])
 
+    # --- quantization-aware finetuning and the gradient-noise monitor ---------------------------
+    def _qaf_reason(self, step: int) -> str | None:
+        """Why QAF starts at `step`, or None if it does not."""
+        q, t = self.cfg.precision.qaf, self.cfg.train
+        if q.start_step is not None and step >= q.start_step:
+            return f"precision.qaf.start_step = {q.start_step}"
+        if q.start_tokens is not None and self.tokens >= q.start_tokens:
+            return f"precision.qaf.start_tokens = {q.start_tokens:,} reached"
+        if q.start_fraction is not None and step > math.floor(q.start_fraction * t.steps):
+            return f"precision.qaf.start_fraction = {q.start_fraction} of {t.steps} steps"
+        if self._qaf_requested:
+            return f"gradient-noise ratio {self.grad_noise_ratio:.3g} < {self.cfg.precision.grad_noise.threshold:.3g}"
+        return None
+
+    def _start_qaf(self, step: int, reason: str) -> None:
+        self.qaf_start_step = step
+        set_high_precision_backward(self.model, True)
+        self.numerics_rows.append({"step": step, "kind": "event", "event": "qaf_start", "reason": reason})
+        self.notes.append(f"QAF from step {step} ({reason}): forward stays quantized, backward and update "
+                          f"in high precision, LR re-warmed over {self.cfg.precision.qaf.warmup_steps} steps")
+
+    def _monitor_gradient_noise(self, micro: torch.Tensor) -> None:
+        g = self.cfg.precision.grad_noise
+        report = measure_gradient_noise(self.model, lambda: self._loss(micro))
+        self.grad_noise_ratio = report.ratio
+        self.numerics_rows += to_rows(report, self.step)
+        if report.below(g.threshold):
+            action = "starting QAF next step" if self.cfg.precision.qaf.auto else "consider QAF (precision.qaf)"
+            self.notes.append(f"step {self.step}: gradient-noise ratio {report.ratio:.3g} fell below "
+                              f"{g.threshold:.3g}: FP4 gradients are no longer effective; {action}")
+            self._qaf_requested = self.cfg.precision.qaf.auto
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next global batch; returns (loss, grad_norm) as tensors."""
-        t, o = self.cfg.train, self.cfg.optim
+        t, o, p = self.cfg.train, self.cfg.optim, self.cfg.precision
         self.step += 1
-        lr = lr_at(self.step, o, t.steps)
+        if self.quantized and self.qaf_start_step is None:
+            reason = self._qaf_reason(self.step)
+            if reason is not None:
+                self._start_qaf(self.step, reason)
+        if self.qaf_start_step is not None:
+            lr = qaf_lr_at(self.step, self.qaf_start_step, p.qaf, o, t.steps)
+        else:
+            lr = lr_at(self.step, o, t.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size)
         micro_batches = batch.split(t.micro_batch_size)
+        monitoring = self.quantized and self.qaf_start_step is None and p.grad_noise.every
+        if monitoring and self.step % p.grad_noise.every == 0:
+            self._monitor_gradient_noise(micro_batches[0])
+        telemetry = self.quantized and p.telemetry_every and self.step % p.telemetry_every == 0
+        if telemetry:
+            start_telemetry(self.model)
         total = torch.zeros((), device=self.device.torch_device)
         for micro in micro_batches:
             loss = self._loss(micro) / len(micro_batches)
             loss.backward()
             self.device.mark_step()
             total += loss.detach()
+        if telemetry:
+            self.numerics_rows += telemetry_rows(self.model, self.step)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step()  # e.g. nGPT puts its weights back on the unit sphere
         commit_amax_histories(self.model)  # delayed FP8 scales move once per optimizer step
         self.device.mark_step()
         self.consumed_samples += t.global_batch_size
@@ -192,6 +260,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         last = t.stop_at_step or t.steps
         metrics = MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
+        numerics = JsonlLog(self.run_dir / "numerics.jsonl", self.step) if self.quantized else None
         progress = Progress(t.steps, self.step, cfg.logging.progress)
         if self.resumed_from is not None:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
@@ -209,6 +278,12 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 window_tokens += t.global_batch_size * t.seq_len
                 progress.update()
+                if numerics is not None and self.numerics_rows:
+                    numerics.write(self.numerics_rows)
+                self.numerics_rows = []
+                for note in self.notes:
+                    progress.note(note)
+                self.notes = []
                 is_last = self.step == last
                 do_eval = self.valid_data is not None and (self.step % t.eval_every == 0 or is_last)
                 do_log = self.step % t.log_every == 0 or do_eval or is_last
@@ -225,6 +300,10 @@ class Trainer:
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "elapsed_s": train_seconds_before + now - run_start,
                     }
+                    if self.quantized:
+                        row["qaf"] = self.qaf_start_step is not None
+                    if self.grad_noise_ratio is not None:
+                        row["grad_noise_ratio"] = self.grad_noise_ratio
                     if not math.isfinite(loss_value):
                         progress.note(f"warning: non-finite loss {loss_value} at step {self.step}")
                     if do_eval:
@@ -242,6 +321,8 @@ class Trainer:
         finally:
             progress.close()
             metrics.close()
+            if numerics is not None:
+                numerics.close()
         return TrainResult(self.run_dir, self.step, self.tokens, loss_value, val_loss, ckpt,
                            train_seconds_before + time.perf_counter() - run_start)
 

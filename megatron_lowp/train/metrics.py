@@ -31,20 +31,36 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-class MetricsLog:
-    def __init__(self, run_dir: Path, resumed_step: int, cfg: LoggingConfig, run_name: str, config: dict):
-        self.path = Path(run_dir) / "metrics.jsonl"
+class JsonlLog:
+    """An append-only JSON-lines file of step rows. Opening it for a run resumed at `resumed_step`
+    first drops (atomically) the rows of later steps: work the checkpoint does not hold, about to be
+    redone, so no step is ever duplicated or missing."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.path = Path(path)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
         self.earlier_rows = kept  # what the run logged before this resume
         if self.path.exists():
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resumed_step: int, cfg: LoggingConfig, run_name: str, config: dict):
+        self._jsonl = JsonlLog(Path(run_dir) / "metrics.jsonl", resumed_step)
+        self.path, self.earlier_rows = self._jsonl.path, self._jsonl.earlier_rows
         self._wandb = _start_wandb(cfg, Path(run_dir), run_name, config) if cfg.wandb.enabled else None
         self._tb = _start_tensorboard(Path(run_dir)) if cfg.tensorboard else None
 
     def log(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._jsonl.write([row])
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self._wandb is not None:
             self._wandb.log(scalars, step=row["step"])
@@ -53,7 +69,7 @@ class MetricsLog:
                 self._tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self._file.close()
+        self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
         if self._tb is not None:
