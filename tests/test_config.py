@@ -1,6 +1,7 @@
 """Recipe loading: extends, presets, overrides, and the errors users see for their mistakes."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,7 +22,52 @@ def test_shipped_recipes_load(repo):
     assert quick.run.name == "quickstart" and base.run.name == "tiny-bf16"
     assert quick.model == base.model  # the quickstart is the baseline, shorter
     assert (quick.model.d_model, quick.model.n_layers, quick.model.n_kv_heads) == (256, 4, 2)
-    assert quick.train.steps == 200 and base.train.steps == 600
+    assert quick.train.steps == 200 and base.train.steps == 300
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("recipe, baseline", [("fp8", "bf16"), ("fp4", "bf16"), ("ngpt_fp4", "ngpt_bf16")])
+def test_tiny_recipes_differ_from_their_baseline_only_in_what_the_recipe_changes(repo, recipe, baseline):
+    """Fair comparisons: a low-precision tiny recipe changes its run name, precision settings and the
+    keys of its recipe package (configs/precision/<name>.yaml, e.g. fp8's Adam moments), nothing else."""
+    import yaml
+
+    from megatron_lowp.config import config_to_dict
+    from megatron_lowp.precision import available_recipes
+
+    choices = {"precision.recipe": available_recipes()}
+    low = _flat(config_to_dict(load_config(repo / f"recipes/tiny/{recipe}.yaml", extra_choices=choices)))
+    base = _flat(config_to_dict(load_config(repo / f"recipes/tiny/{baseline}.yaml", extra_choices=choices)))
+    package = _flat(yaml.safe_load((repo / f"configs/precision/{recipe}.yaml").read_text()))
+    changed = {k for k in low if low[k] != base[k]}
+    assert changed, "the recipe changes nothing"
+    allowed = {"run.name"} | set(package)
+    assert {k for k in changed if not k.startswith("precision.")} <= allowed
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(Path(__file__).resolve().parents[1]))
+                                        for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml")))
+def test_every_shipped_recipe_loads_and_builds(repo, path):
+    """Every recipe file resolves; its precision recipe and model build (paper-scale models on the
+    meta device: only shapes), and the Llama-2-7B ones have Llama-2-7B's parameter count."""
+    import torch
+
+    from megatron_lowp.device import get_device
+    from megatron_lowp.model import build_model
+    from megatron_lowp.precision import available_recipes, build_recipe
+
+    cfg = load_config(repo / path, ["model.vocab_size=32000"], extra_choices={"precision.recipe": available_recipes()})
+    recipe = build_recipe(cfg, get_device("cpu"))
+    with torch.device("meta"):
+        model = build_model(cfg.model, recipe)
+    if "llama2_7b" in path:
+        assert model.num_params() == 6_738_415_616
 
 
 def test_extends_order_and_lists(tmp_path):

@@ -1,5 +1,7 @@
 """The quantized linear (fprop/dgrad/wgrad per role) and the custom recipe built from YAML roles."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model
 from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec, build_recipe, role_spec
+from megatron_lowp.precision.recipe import Linear
 from megatron_lowp.train import train
 from tests.test_train import losses, small_cfg
 
@@ -98,7 +101,7 @@ def test_high_precision_layers_by_glob_and_by_block():
     model = build_model(cfg.model, build_recipe(cfg, get_device("cpu")))
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
     assert quantized == [f"layers.{i}.{p}" for i in (1, 2) for p in ("attn.qkv", "mlp.down", "mlp.gate", "mlp.up")]
-    assert type(model.lm_head) is nn.Linear and type(model.layers[0].mlp.up) is nn.Linear
+    assert type(model.lm_head) is Linear and type(model.layers[0].mlp.up) is Linear
 
 
 def test_role_sections_from_yaml():
@@ -107,8 +110,32 @@ def test_role_sections_from_yaml():
                           "precision.x.format=fp8_e4m3", "precision.x.power_of_two=true")
     assert role_spec(cfg.precision.dy) == QuantSpec(
         "nvfp4", "stochastic", (("scale_rounding", "decode"), ("tensor_amax", 2.0), ("tensor_scale", "fixed"), ("tile", False)))
-    assert role_spec(cfg.precision.x).kwargs() == {"scaling": "tensor", "power_of_two": True}
+    # flavour "device": the E4M3 variant follows the device's E4M3 maximum (448 OCP, 240 Gaudi2)
+    assert role_spec(cfg.precision.x).kwargs() == {"scaling": "tensor", "power_of_two": True, "flavour": "ocp"}
+    assert role_spec(cfg.precision.x, e4m3_max=240.0).kwargs()["flavour"] == "gaudi2"
+    pinned = small_model_cfg("precision.x.format=fp8_e4m3", "precision.x.flavour=ocp")
+    assert role_spec(pinned.precision.x, e4m3_max=240.0).kwargs()["flavour"] == "ocp"
     assert role_spec(cfg.precision.w) is None
+
+
+def test_fp8_recipe_takes_the_e4m3_maximum_from_the_device(monkeypatch):
+    """On a Gaudi2 (E4M3 max 240) the fp8 package's E4M3 roles saturate at 240, on CUDA/CPU at 448."""
+    import dataclasses
+
+    from megatron_lowp.device import get_device
+    from megatron_lowp.precision import available_recipes, build_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "recipes/tiny/fp8.yaml", extra_choices={"precision.recipe": available_recipes()})
+    device = get_device("cpu")
+    assert build_recipe(cfg, device).specs.x.kwargs()["flavour"] == "ocp"
+    gaudi2 = dataclasses.replace(device.capabilities, fp8_e4m3_max=240.0)
+    monkeypatch.setattr(type(device), "capabilities", property(lambda self: gaudi2))
+    specs = build_recipe(cfg, device).specs
+    assert specs.x.kwargs()["flavour"] == specs.w.kwargs()["flavour"] == "gaudi2"
+    assert "flavour" not in specs.dy.kwargs()  # E5M2 has one variant
+    big = torch.tensor([1000.0, 1.0])
+    assert specs.x.fake_quantize(big, -1, None, scale=torch.tensor(1.0)).max() == 240.0
 
 
 def assert_resume_is_bit_identical(repo, tmp_path, *precision):
@@ -252,4 +279,4 @@ def test_fp8_recipe_builds_the_papers_layers(repo):
     assert isinstance(qkv, QuantizedLinear) and set(qkv.delayed.specs) == {"x", "w", "dy", "w_t", "dy_t", "x_t"}
     assert qkv.specs.dy == QuantSpec("fp8_e5m2", "stochastic", (("power_of_two", True), ("scaling", "tensor")), 1)
     assert isinstance(model.layers[3].mlp.act, SmoothGatedSiLU)
-    assert type(model.lm_head) is nn.Linear  # the LM head stays high precision
+    assert type(model.lm_head) is Linear  # the LM head stays high precision

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from megatron_lowp.device.base import Capabilities, Device
 from megatron_lowp.device.cpu import CPUDevice
 from megatron_lowp.device.cuda import CUDADevice
@@ -23,6 +25,13 @@ __all__ = [
     "resolve_device_type",
     "triton_kernels_usable",
 ]
+
+
+def fork_rng(device: torch.device):
+    """A block after which the CPU generator and `device`'s own generator are back where they were."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def resolve_device_type(requested: str) -> str:

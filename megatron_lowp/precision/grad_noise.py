@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from megatron_lowp.device import fork_rng
 from megatron_lowp.precision.quantized_linear import QuantizedLinear, high_precision_backward
 
 
@@ -103,14 +104,6 @@ def monitored_parameters(model: nn.Module, only_quantized: bool = True) -> list[
             if isinstance(m, QuantizedLinear) and m.weight.requires_grad]
 
 
-def _rng_fork(device: torch.device):
-    """A block after which the RNG is back where it was: the CPU generator, and the CUDA one of
-    `device` (other accelerators' generators are not forked: keep their forward free of dropout)."""
-    if device.type == "cuda":
-        return torch.random.fork_rng(devices=[device], device_type="cuda")
-    return torch.random.fork_rng(devices=[])
-
-
 @dataclass
 class _LayerState:
     """What a quantized linear carries between steps that a measurement pass would move."""
@@ -155,7 +148,7 @@ def measure_gradient_noise(
     def grads() -> list[Tensor]:
         for state in states:
             state.rewind(measuring=True)
-        with _rng_fork(device), torch.enable_grad():
+        with fork_rng(device), torch.enable_grad():
             loss = loss_fn()
             out = torch.autograd.grad(loss, tensors, allow_unused=True)  # frees the graph
         return [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, out, strict=True)]
