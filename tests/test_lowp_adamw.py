@@ -354,3 +354,36 @@ def test_trainer_resume_is_bit_identical_with_fp8_moments(repo, tmp_path, roundi
     assert all(torch.equal(resumed[k].reshape(-1).view(torch.uint8), reference[k].reshape(-1).view(torch.uint8))
                for k in fp8)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference if k not in fp8)
+
+
+def test_fp16_pts_master_weights_stay_on_the_scaled_fp16_grid_and_converge():
+    """optim.master_weights=fp16_pts (the FP8 paper's script): after every step each >= 2-D weight
+    times 65504/amax is an FP16 value (up to the FP32 rounding of dividing and re-multiplying by a
+    scale that is not a power of two: relative 1e-6, where FP32 weights sit up to 2^-12 off the
+    grid); 1-D parameters are untouched; regression still converges."""
+
+    def off_grid(t):
+        scaled = t.detach() * (65504.0 / t.detach().abs().max())
+        return ((scaled - scaled.to(torch.float16).to(torch.float32)).abs() / scaled.abs().clamp_min(1e-30)).max()
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    y = x @ torch.randn(32, 16) + 0.01 * torch.randn(512, 16)
+    torch.manual_seed(1)
+    model = nn.Linear(32, 16)
+    opt = LowPrecisionAdamW(model.parameters(), lr=3e-2, betas=(0.9, 0.95), weight_decay=0.0, moments="fp8",
+                            master_weights="fp16_pts")
+    first = None
+    for _ in range(200):
+        loss = nn.functional.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert off_grid(model.weight) < 1e-6
+    assert off_grid(model.bias) > 1e-5  # 1-D: FP32 as it is
+    assert loss.item() < 1e-4 * first
+    cfg = load_config(None, ["optim.master_weights=fp16_pts"]).optim
+    assert isinstance(build_optimizer(nn.Linear(4, 4), cfg), LowPrecisionAdamW)
+    with pytest.raises(UserError, match="optim.master_weights"):
+        load_config(None, ["optim.master_weights=fp8"])

@@ -141,6 +141,8 @@ class OptimConfig:
     moment1_format: str = choice("fp8_e4m3", "fp8_e4m3", "fp8_e5m2", doc="moments=fp8: format of m")
     moment2_format: str = choice("fp8_e5m2", "fp8_e4m3", "fp8_e5m2", doc="moments=fp8: format of v")
     moments_rounding: str = choice("nearest", "nearest", "stochastic", doc="rounding of the stored moments")
+    master_weights: str = choice("fp32", "fp32", "fp16_pts",
+                                 doc="fp16_pts: round >=2-D weights to FP16 with a per-tensor scale after each step")
     schedule: str = choice("cosine", "cosine", "wsd", "constant")
     warmup_steps: int = bounded(0, ge=0)
     decay_fraction: float = bounded(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")

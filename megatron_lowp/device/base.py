@@ -24,6 +24,7 @@ class Capabilities:
     native_fp4_gemm: bool
     fp8_e4m3_max: float  # 448 for OCP E4M3FN (CUDA/CPU); 240 for Gaudi2's IEEE-like E4M3
     name: str  # human-readable device name for logs and benchmark tables
+    peak_bf16_flops: float | None = None  # dense BF16 tensor-core peak (FLOP/s) for MFU; None: unknown
 
 
 class Device:

@@ -9,6 +9,15 @@ import torch
 from megatron_lowp.device.base import Capabilities, Device
 
 
+# Dense (no sparsity) BF16 tensor-core peaks from NVIDIA's datasheets, matched by device name.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
+                   ("GB200", 2.5e15), ("B200", 2.25e15), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
+
+
+def peak_bf16_flops(name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
 def cuda_capabilities(compute_capability: tuple[int, int], bf16: bool, name: str) -> Capabilities:
     """FP8 tensor cores arrived with sm89 (Ada) / sm90 (Hopper); FP4 (NVFP4/MX) with sm100 (Blackwell)."""
     major, minor = compute_capability
@@ -19,6 +28,7 @@ def cuda_capabilities(compute_capability: tuple[int, int], bf16: bool, name: str
         native_fp4_gemm=sm >= 100,
         fp8_e4m3_max=448.0,
         name=name,
+        peak_bf16_flops=peak_bf16_flops(name),
     )
 
 

@@ -1,7 +1,7 @@
 """AdamW over FP32 master weights, with weight decay only on matrices (not norms or biases).
 
-optim.moments=fp32 is torch's AdamW; bf16 / fp8 store the moments in low precision
-(LowPrecisionAdamW, same update math)."""
+optim.moments=fp32 (with FP32 master weights) is torch's AdamW; bf16 / fp8 moments, or
+optim.master_weights=fp16_pts, use LowPrecisionAdamW (same update math)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.moments == "fp32" and cfg.moments_rounding == "stochastic":
         raise UserError("optim.moments_rounding: 'stochastic' needs optim.moments=fp8 (fp32 moments are not rounded)")
-    if cfg.moments != "fp32":
+    if cfg.moments != "fp32" or cfg.master_weights != "fp32":
         return LowPrecisionAdamW(
             param_groups(model, cfg.weight_decay),
             lr=cfg.lr,
@@ -37,6 +37,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             moment1_format=cfg.moment1_format,
             moment2_format=cfg.moment2_format,
             rounding=cfg.moments_rounding,
+            master_weights=cfg.master_weights,
         )
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),

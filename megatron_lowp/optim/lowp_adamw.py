@@ -20,6 +20,12 @@ Storage per parameter (``state_bytes`` reports it):
   no BF16 stochastic rounding, so ``moments_rounding="stochastic"`` with bf16 is refused.
 * ``fp32``: plain FP32 moments.
 
+Master weights (``master_weights``): ``fp32`` keeps them as they are; ``fp16_pts`` (the FP8 paper's
+script, MW_DTYPE=fp16_pts) rounds every parameter with ndim >= 2 after its update onto the grid of FP16
+with a per-tensor scale s = 65504 / amax (nearest-even; the cast cannot overflow since |p| s <= 65504),
+as the reference does: the numerics of FP16 master weights, kept in the FP32 parameter (the model
+computes with it), so this option does not shrink memory.
+
 Guards:
 * v floor: a positive v never rounds to 0. After rounding, scaled values of v > 0 that became 0 are
   set to the format's smallest subnormal (a v below amax(v) * 2^-16 / 57344 in E5M2). Flushing them
@@ -53,6 +59,8 @@ from megatron_lowp.numerics.formats import TORCH_DTYPES
 MOMENT_STORAGE = ("fp32", "bf16", "fp8")
 MOMENT_FORMATS: dict[str, FloatFormat] = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
 MOMENT_ROUNDING = ("nearest", "stochastic")
+MASTER_WEIGHTS = ("fp32", "fp16_pts")
+_FP16_MAX = 65504.0
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -81,7 +89,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         moment2_format: str = "fp8_e5m2",
         rounding: str = "nearest",
         sr_seed: int = 0,
+        master_weights: str = "fp32",
     ) -> None:
+        self.master_weights = _check("optim.master_weights", master_weights, MASTER_WEIGHTS)
         self.moments = _check("optim.moments", moments, MOMENT_STORAGE)
         self.moment_formats = (
             MOMENT_FORMATS[_check("optim.moment1_format", moment1_format, MOMENT_FORMATS)],
@@ -177,6 +187,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         bias_correction2_sqrt = bias_correction2**0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+        if self.master_weights == "fp16_pts" and p.ndim >= 2:
+            scale = scale_from_amax(amax(param), _FP16_MAX)
+            param.copy_((param * scale).to(torch.float16).to(torch.float32) / scale)
         if param is not p:
             p.copy_(param)
         self._store_moment(state, p, 0, exp_avg)
