@@ -8,7 +8,6 @@ import torch
 
 from megatron_lowp.device.base import Capabilities, Device
 
-
 # Dense (no sparsity) BF16 tensor-core peaks from NVIDIA's datasheets, matched by device name.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
                    ("GB200", 2.5e15), ("B200", 2.25e15), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
