@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megatron_lowp.errors import UserError
@@ -29,6 +30,8 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     plot = plot_loss({cfg.run.name: read_metrics(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
                      title=f"{cfg.run.name} ({cfg.precision.recipe})")
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -176,7 +176,15 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = choice("single", "single")
+    # single: one process; ddp: DistributedDataParallel; fsdp: FSDP2 (fully_shard per block);
+    # deepspeed: DeepSpeed ZeRO (stage from deepspeed_config or zero_stage). Launch several ranks
+    # with launch/ (torchrun, Slurm, deepspeed).
+    engine: str = choice("single", "single", "ddp", "fsdp", "deepspeed")
+    timeout_s: float = bounded(600.0, gt=0, doc="a collective waiting longer (a dead or hung rank) ends the job")
+    fsdp_param_dtype: str = choice("autocast", "autocast", "fp32",
+                                   doc="fsdp: all-gather parameters in the autocast dtype (BF16) or in FP32")
+    zero_stage: int = choice(1, 0, 1, 2, 3, doc="deepspeed: ZeRO stage when no deepspeed_config is given")
+    deepspeed_config: str | None = None  # deepspeed: a JSON file (configs/deepspeed/*.json); batch keys are ours
 
 
 @dataclass

@@ -9,6 +9,7 @@ from megatron_lowp.precision.quantized_linear import (
     commit_amax_histories,
     high_precision_backward,
     set_high_precision_backward,
+    set_sr_rank,
 )
 from megatron_lowp.precision.recipe import (
     LinearFactory,
@@ -22,5 +23,5 @@ from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
 __all__ = [
     "ROLES", "ROLE_AXIS", "GemmSpecs", "LinearFactory", "PrecisionRecipe", "QuantSpec", "QuantizedLinear",
     "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "commit_amax_histories",
-    "high_precision_backward", "register_recipe", "role_spec", "set_high_precision_backward",
+    "high_precision_backward", "register_recipe", "role_spec", "set_high_precision_backward", "set_sr_rank",
 ]

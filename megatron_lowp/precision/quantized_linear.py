@@ -156,6 +156,18 @@ def layer_seed(name: str, base_seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def rank_seed(base_seed: int, rank: int) -> int:
+    """The SR seed of data-parallel rank `rank`: the base seed itself on rank 0."""
+    return base_seed if rank == 0 else layer_seed(f"rank{rank}", base_seed)
+
+
+def set_sr_rank(model: nn.Module, rank: int) -> None:
+    """Give every quantized linear of `model` the SR stream of data-parallel rank `rank`."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.set_rank(rank)
+
+
 class QuantizedLinear(nn.Module):
     """Bias-free linear whose three GEMMs follow `specs`; a drop-in for nn.Linear(bias=False)."""
 
@@ -169,7 +181,11 @@ class QuantizedLinear(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-        self.sr = SRGenerator(seed=layer_seed(name, seed))
+        # Each data-parallel rank draws its own SR stream (rank 0's is the single-process stream):
+        # identical draws on every rank would make the ranks' rounding noise correlated, so it would
+        # not average out in the gradient all-reduce.
+        self.sr_base_seed, self.rank = layer_seed(name, seed), 0
+        self.sr = SRGenerator(seed=self.sr_base_seed)
         self.stats: dict[str, dict[str, torch.Tensor]] | None = None  # a dict while telemetry is on
         delayed = {r: getattr(specs, r) for r in ROLE_AXIS if getattr(specs, r) and getattr(specs, r).amax_history}
         fmt_max = {r: (E5M2 if spec.fmt == "fp8_e5m2" else e4m3_flavour(spec.kwargs().get("flavour", "ocp"))).max_value
@@ -188,16 +204,23 @@ class QuantizedLinear(nn.Module):
         if self.delayed is not None:
             self.delayed.commit(reduce_max)
 
+    def set_rank(self, rank: int) -> None:
+        """Draw this data-parallel rank's SR stream (same position in it)."""
+        self.rank = rank
+        self.sr = SRGenerator(seed=rank_seed(self.sr_base_seed, rank), offset=self.sr.offset)
+
     # The SR stream position and the amax histories travel with the weights (state_dict ->
-    # checkpoint -> resume).
+    # checkpoint -> resume). The base seed is saved, so each rank of a resumed run (at any world
+    # size) derives its own stream from it; offsets are equal on all ranks (same shapes).
     def get_extra_state(self) -> dict[str, torch.Tensor]:
-        state = {"sr": torch.tensor([self.sr.seed, self.sr.offset], dtype=torch.int64)}
+        state = {"sr": torch.tensor([self.sr_base_seed, self.sr.offset], dtype=torch.int64)}
         if self.delayed is not None:
             state.update({f"amax.{k}": v for k, v in self.delayed.state_dict().items()})
         return state
 
     def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.sr.load_state_dict({"seed": int(state["sr"][0]), "offset": int(state["sr"][1])})
+        self.sr_base_seed = int(state["sr"][0])
+        self.sr.load_state_dict({"seed": rank_seed(self.sr_base_seed, self.rank), "offset": int(state["sr"][1])})
         if self.delayed is not None:
             self.delayed.load_state_dict({k[len("amax."):]: v for k, v in state.items() if k.startswith("amax.")})
 

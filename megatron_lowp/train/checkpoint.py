@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lowp.errors import UserError
+from megatron_lowp.parallel import dist
 from megatron_lowp.train.safe_dcp import SafeFileSystemReader, load_metadata
 
 MANIFEST = "manifest.json"
@@ -121,13 +122,24 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        """Every rank writes its shards into a temporary directory (a collective); rank 0 then adds
+        meta.json and the manifest and publishes the directory with one atomic rename."""
+        main = dist.is_main()
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+        dist.barrier()
         final = self.dir / f"step_{step}"
-        tmp = self.dir / f".tmp_step_{step}_{os.getpid()}"
+        tmp = self.dir / f".tmp_step_{step}"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save(state, checkpoint_id=tmp)
+        if main:
+            self._publish(tmp, final, step, meta)
+        dist.barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path, step: int, meta: dict[str, Any]) -> None:
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1), encoding="utf-8")
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -146,7 +158,6 @@ class CheckpointManager:
         _fsync_dir(self.dir)
         write_text_atomic(self.dir / LATEST, final.name + "\n")
         self._prune()
-        return final
 
     def _remove_leftovers(self) -> None:
         """Temporary directories of saves that a crash interrupted: never complete, never read."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from megatron_lowp import __version__
 from megatron_lowp.config import Config, config_to_dict
@@ -24,11 +23,19 @@ from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.optim import build_optimizer, lr_at, qaf_lr_at
-from megatron_lowp.precision import QuantizedLinear, build_recipe, commit_amax_histories, set_high_precision_backward
+from megatron_lowp.parallel import build_engine, dist
+from megatron_lowp.parallel.dist import env_info, init_distributed
+from megatron_lowp.precision import (
+    QuantizedLinear,
+    build_recipe,
+    commit_amax_histories,
+    set_high_precision_backward,
+    set_sr_rank,
+)
 from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
 from megatron_lowp.precision.telemetry import start_telemetry, telemetry_rows
 from megatron_lowp.train.checkpoint import CheckpointManager
-from megatron_lowp.train.metrics import JsonlLog, MetricsLog
+from megatron_lowp.train.metrics import JsonlLog, MetricsLog, NullLog
 from megatron_lowp.train.progress import Progress
 from megatron_lowp.train.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
 
@@ -83,6 +90,41 @@ def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
         raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
 
 
+# Engines whose gradients the gradient-noise monitor can take with torch.autograd.grad on the plain
+# module; FSDP2 and DeepSpeed own the backward of their parameters.
+MONITOR_ENGINES = ("single", "ddp")
+
+
+def _check_engine_support(cfg: Config, quantized: bool) -> None:
+    if cfg.precision.qaf.auto and cfg.parallel.engine not in MONITOR_ENGINES:
+        raise UserError(f"precision.qaf.auto: the gradient-noise monitor runs on parallel.engine "
+                        f"{' or '.join(MONITOR_ENGINES)}, not {cfg.parallel.engine}; start QAF by step, tokens "
+                        "or fraction instead (precision.qaf.start_step / start_tokens / start_fraction)")
+
+
+def _check_batch_split(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    if t.global_batch_size % (world_size * t.micro_batch_size):
+        raise UserError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
+                        f"WORLD_SIZE ({world_size}) x train.micro_batch_size ({t.micro_batch_size}), so every "
+                        "rank runs whole micro-batches of the same global batch")
+
+
+def _prepare_run_dir_on_main(cfg: Config, main: bool) -> Path:
+    """Rank 0 prepares the run directory (or fails with the user's error); every rank learns the
+    outcome, so a refusal ends all ranks at once instead of leaving them waiting."""
+    path, error = None, None
+    if main:
+        try:
+            path = prepare_run_dir(cfg)
+        except UserError as e:
+            error = str(e)
+    path, error = dist.broadcast_object((path, error))
+    if error is not None:
+        raise UserError(error)
+    return Path(path)
+
+
 def _check_single_process(cfg: Config) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.parallel.engine == "single":
@@ -103,8 +145,12 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         _check_single_process(cfg)
-        self.device: Device = get_device(cfg.device.type, hpu_mode=cfg.device.hpu_mode)
+        local = env_info()
+        self.device: Device = get_device(cfg.device.type, index=local.local_rank, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
+        _check_batch_split(cfg, local.world_size)
+        self.dist = init_distributed(self.device.dist_backend, cfg.parallel.timeout_s,
+                                     need_group=cfg.parallel.engine != "single")
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         _resolve_vocab(cfg, self.tokenizer)
         t = cfg.train
@@ -115,12 +161,17 @@ class Trainer:
         self.stream = SampleStream(self.train_data, seed=cfg.run.seed)
         self.recipe = build_recipe(cfg, self.device)
         self.device.manual_seed(cfg.run.seed)
-        self.model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.quantized = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
+        model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
+        set_sr_rank(model, self.dist.rank)
+        self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         _check_qaf(cfg, self.quantized)
+        _check_engine_support(cfg, self.quantized)
+        self.engine = build_engine(cfg, model, lambda m: build_optimizer(m, cfg.optim), self.device, self.recipe,
+                                   self.dist)
+        self.model, self.optimizer = self.engine.module, self.engine.optimizer  # unwrapped model
+        self.main = self.dist.is_main  # the rank that writes logs, configs and checkpoint manifests
         # Only now, with every user setting checked, does anything get written.
-        self.run_dir = prepare_run_dir(cfg)
+        self.run_dir = _prepare_run_dir_on_main(cfg, self.main)
         self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
         self.step = 0
         self.consumed_samples = 0
@@ -135,17 +186,17 @@ class Trainer:
         resume_from = checkpoint_to_resume(cfg, self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
-        write_config(self.run_dir, cfg, self.step)
+        if self.main:
+            write_config(self.run_dir, cfg, self.step)
 
     # --- state --------------------------------------------------------------------------------
     def _state(self) -> dict:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state, "rng": self.device.get_rng_state()}
+        return {**self.engine.state_dict(), "rng": self.device.get_rng_state()}
 
     def _load(self, path: Path) -> None:
         state = self._state()
         meta = self.checkpoints.load(path, state, check=lambda meta: _check_compatible(meta, self.cfg, path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.engine.load_state_dict(state)
         self.device.set_rng_state(state["rng"])
         self.step = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
@@ -171,7 +222,7 @@ class Trainer:
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device.torch_device)
         with self.device.autocast(self.recipe.autocast_dtype):
-            logits = self.model(batch[:, :-1])
+            logits = self.engine.model(batch[:, :-1])
         return cross_entropy_loss(logits, batch[:, 1:])
 
     # --- quantization-aware finetuning and the gradient-noise monitor ---------------------------
@@ -218,30 +269,31 @@ class Trainer:
             lr = qaf_lr_at(self.step, self.qaf_start_step, p.qaf, o, t.steps)
         else:
             lr = lr_at(self.step, o, t.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size)
+        self.engine.set_lr(lr)
+        batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size, self.dist.rank,
+                                         self.dist.world_size)  # this rank's share
         micro_batches = batch.split(t.micro_batch_size)
-        monitoring = self.quantized and self.qaf_start_step is None and p.grad_noise.every
+        monitoring = (self.quantized and self.qaf_start_step is None and p.grad_noise.every
+                      and self.engine.name in MONITOR_ENGINES)
         if monitoring and self.step % p.grad_noise.every == 0:
             self._monitor_gradient_noise(micro_batches[0])
         telemetry = self.quantized and p.telemetry_every and self.step % p.telemetry_every == 0
         if telemetry:
             start_telemetry(self.model)
         total = torch.zeros((), device=self.device.torch_device)
-        for micro in micro_batches:
-            loss = self._loss(micro) / len(micro_batches)
-            loss.backward()
+        for i, micro in enumerate(micro_batches):
+            with self.engine.accumulating(last=i == len(micro_batches) - 1):
+                loss = self._loss(micro) / len(micro_batches)
+                self.engine.backward(loss)
             self.device.mark_step()
             total += loss.detach()
         if telemetry:
             self.numerics_rows += telemetry_rows(self.model, self.step)
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.clip_grad_norm(t.grad_clip)
+        self.engine.step()
         self.model.after_optimizer_step()  # e.g. nGPT puts its weights back on the unit sphere
-        commit_amax_histories(self.model)  # delayed FP8 scales move once per optimizer step
+        # Delayed FP8 scales move once per optimizer step, from the amax over all data-parallel ranks.
+        commit_amax_histories(self.model, self.engine.reduce_max if self.dist.world_size > 1 else None)
         self.device.mark_step()
         self.consumed_samples += t.global_batch_size
         self.tokens += t.global_batch_size * t.seq_len
@@ -259,9 +311,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         last = t.stop_at_step or t.steps
-        metrics = MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
-        numerics = JsonlLog(self.run_dir / "numerics.jsonl", self.step) if self.quantized else None
-        progress = Progress(t.steps, self.step, cfg.logging.progress)
+        # Rank 0 writes logs; every rank computes, evaluates and saves its checkpoint shards.
+        metrics = (MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
+                   if self.main else NullLog())
+        numerics = JsonlLog(self.run_dir / "numerics.jsonl", self.step) if self.quantized and self.main else None
+        progress = Progress(t.steps, self.step, cfg.logging.progress, silent=not self.main)
         if self.resumed_from is not None:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
         if self.step >= last:
@@ -288,6 +342,8 @@ class Trainer:
                 do_eval = self.valid_data is not None and (self.step % t.eval_every == 0 or is_last)
                 do_log = self.step % t.log_every == 0 or do_eval or is_last
                 if do_log:
+                    if self.dist.world_size > 1:
+                        loss = self.engine.mean_over_ranks(loss)  # the global batch's loss
                     self.device.synchronize()
                     now = time.perf_counter()
                     loss_value = loss.item()
@@ -328,4 +384,8 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.engine.shutdown()

@@ -52,6 +52,18 @@ class JsonlLog:
         self._file.close()
 
 
+class NullLog:
+    """The logs of ranks other than 0: they train but do not write."""
+
+    earlier_rows: list[dict] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, resumed_step: int, cfg: LoggingConfig, run_name: str, config: dict):
         self._jsonl = JsonlLog(Path(run_dir) / "metrics.jsonl", resumed_step)

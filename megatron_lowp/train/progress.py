@@ -23,9 +23,12 @@ def format_row(row: dict, total_steps: int) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.total = total_steps
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, silent: bool = False):
+        """`silent`: show nothing (ranks other than 0 of a distributed run)."""
+        self.total, self.silent = total_steps, silent
         self.bar = None
+        if silent:
+            return
         if enabled and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -43,13 +46,13 @@ class Progress:
             if "tokens_per_s" in row:
                 post["tok/s"] = f"{row['tokens_per_s']:,.0f}"
             self.bar.set_postfix(post, refresh=False)
-        else:
+        elif not self.silent:
             print(format_row(row, self.total), flush=True)
 
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif not self.silent:
             print(text, flush=True)
 
     def close(self) -> None:
