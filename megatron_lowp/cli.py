@@ -2,6 +2,8 @@
 
     megatron-lowp train RECIPE.yaml [section.key=value ...]
     megatron-lowp config RECIPE.yaml [section.key=value ...]   # print the resolved recipe
+    megatron-lowp tokenizer train --input FILE_OR_GLOB... --vocab-size N --output PATH.model
+    megatron-lowp prepare --input FILE_OR_GLOB_OR_HF_NAME... --tokenizer PATH.model --output-prefix PREFIX
 
 User mistakes (UserError) print one line and exit with status 2; no traceback.
 """
@@ -51,6 +53,85 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _read_options(args):
+    from megatron_lowp.data.sources import ReadOptions
+
+    return ReadOptions(text_key=args.text_key, encoding_errors=args.encoding_errors, hf_config=args.hf_config,
+                       hf_split=args.hf_split, streaming=args.streaming, hf_cache_dir=args.hf_cache_dir)
+
+
+def cmd_prepare(args) -> int:
+    from megatron_lowp.data.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+                        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, workers=args.workers,
+                        append_eos=args.append_eos, prepend_bos=args.bos, seed=args.seed, overwrite=args.overwrite,
+                        progress=not args.no_progress, read=_read_options(args))
+    print(prepare(cfg).report())
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from megatron_lowp.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(inputs=args.input, vocab_size=args.vocab_size, output=args.output,
+                               model_type=args.model_type, sample_docs=args.sample_docs,
+                               max_doc_chars=args.max_doc_chars, character_coverage=args.character_coverage,
+                               seed=args.seed, threads=args.threads, read=_read_options(args))
+    print(train_tokenizer(cfg).report())
+    return 0
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_lowp.data.sources import ENCODING_ERRORS
+
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="INPUT",
+                   help="files (.txt: one document per file; .jsonl; .parquet; .gz/.xz/.bz2 compressed text), "
+                        "directories, globs, BUILDER:FILES (json, csv, parquet, text, arrow via the datasets "
+                        "library) or hf:NAME / a Hugging Face dataset name")
+    p.add_argument("--text-key", default="text", help="JSONL field / Parquet or dataset column with the text")
+    p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
+                   help="invalid UTF-8: strict stops with the file and byte offset; replace puts U+FFFD")
+    p.add_argument("--hf-config", default=None, help="datasets inputs: the configuration name")
+    p.add_argument("--hf-split", default="train", help="datasets inputs: the split to read")
+    p.add_argument("--streaming", action="store_true", help="datasets inputs: stream instead of downloading first")
+    p.add_argument("--hf-cache-dir", default=None, help="datasets inputs: cache folder")
+
+
+def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_lowp.data.prepare import default_workers
+
+    _add_input_arguments(p)
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file (or 'embedded')")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX_train.bin/.idx, PREFIX_valid.bin/.idx (and PREFIX_test.*), PREFIX_prepare.json")
+    p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share of documents for a test split")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="tokenizer processes (default: the usable cores); 0 tokenizes in this process")
+    p.add_argument("--append-eos", dest="append_eos", action="store_true", default=True,
+                   help="end every document with EOS (the default)")
+    p.add_argument("--no-eos", dest="append_eos", action="store_false", help="do not append EOS")
+    p.add_argument("--bos", action="store_true", help="start every document with BOS")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the train/valid/test split rule")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_lowp.data.tokenizer_train import MODEL_TYPES
+
+    _add_input_arguments(p)
+    p.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
+    p.add_argument("--output", required=True, help="the model file to write, PATH.model (PATH.vocab too)")
+    p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
+    p.add_argument("--sample-docs", type=int, default=100_000, help="train on a uniform sample of this many documents")
+    p.add_argument("--max-doc-chars", type=int, default=20_000, help="cut sampled documents to this many characters")
+    p.add_argument("--character-coverage", type=float, default=0.9995, help="sentencepiece's character_coverage")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the document sample")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="sentencepiece trainer threads")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_lowp import __version__
 
@@ -65,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200")
         p.set_defaults(func=func)
+    p = sub.add_parser("prepare", help="tokenize raw text into Megatron indexed datasets (train/valid splits)")
+    _add_prepare_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = tok_sub.add_parser("train", help="train a sentencepiece BPE/unigram tokenizer on a sample of a corpus")
+    _add_tokenizer_train_arguments(p)
+    p.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

@@ -94,6 +94,31 @@ def test_round_trip_random_documents(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["rt.bin", "rt.idx"]  # no temp files left
 
 
+def test_writer_streams_the_index_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_lowp.data import indexed
+
+    monkeypatch.setattr(indexed, "INDEX_BLOCK", 3)  # blocks of 3 sequences: every boundary case below
+    rng = np.random.default_rng(1)
+    lengths = [4, 0, 7, 1, 3, 3, 0, 9, 2, 5]
+    docs = [rng.integers(0, 70000, size=n) for n in lengths]
+    with IndexedDatasetWriter(tmp_path / "blocks", np.int32) as w:
+        w.add_document(docs[0])
+        w.add_documents(np.concatenate(docs[1:6]), lengths[1:6])  # bulk, same bytes as one by one
+        for d in docs[6:]:
+            w.add_document(d)
+        assert (w.num_sequences, w.num_tokens) == (10, sum(lengths))
+    assert (tmp_path / "blocks.idx").read_bytes() == megatron_idx(4, lengths, 4, list(range(11)))
+    assert (tmp_path / "blocks.bin").read_bytes() == np.concatenate(docs).astype("<i4").tobytes()
+    assert sorted(os.listdir(tmp_path)) == ["blocks.bin", "blocks.idx"]  # the lengths temp file is gone
+    with IndexedDatasetWriter(tmp_path / "empty", np.uint16):
+        pass  # a dataset with no documents is valid: header and doc index [0]
+    assert (tmp_path / "empty.idx").read_bytes() == megatron_idx(8, [], 2, [0])
+    with pytest.raises(ValueError, match=r"do not add up to the 5 tokens"):
+        with IndexedDatasetWriter(tmp_path / "bad", np.uint16) as w:
+            w.add_documents([1, 2, 3, 4, 5], [2, 2])
+    assert not list(tmp_path.glob("bad*"))
+
+
 def test_best_token_dtype_follows_megatron() -> None:
     assert best_token_dtype(4096) == np.uint16
     assert best_token_dtype(65499) == np.uint16

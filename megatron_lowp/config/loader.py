@@ -178,9 +178,16 @@ def _describe_allowed(f: dataclasses.Field, tp: Any, extra: dict[str, tuple], do
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
-        return f"a list (each {_type_name(typing.get_args(tp)[0])})"
+        item = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(item):
+            keys = ", ".join(f.name for f in dataclasses.fields(item))
+            return f"a list of mappings (each with keys {keys})"
+        return f"a list (each {_type_name(item)})"
     names = []
     for t in _type_options(tp):
+        if typing.get_origin(t) is list:
+            names.append(_type_name(t))
+            continue
         names.append("null" if t is type(None) else {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, getattr(t, "__name__", str(t))))
     return " or ".join(names)
 
@@ -189,6 +196,28 @@ def _type_options(tp: Any) -> tuple:
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         return typing.get_args(tp)
     return (tp,)
+
+
+def _dataclass_list_item(tp: Any) -> type | None:
+    """The item class when `tp` is (or has the option) list[SomeDataclass], e.g. data.train's blend."""
+    for option in _type_options(tp):
+        if typing.get_origin(option) is list and dataclasses.is_dataclass(typing.get_args(option)[0]):
+            return typing.get_args(option)[0]
+    return None
+
+
+def _build_items(cls: type, value: list, src: str, extra: dict[str, tuple], dotted: str, allowed: str) -> list:
+    """A list of mappings, each checked like a section; errors name the item, e.g. data.train[1].weight."""
+    if not value:
+        raise UserError(f"{src}: {dotted}: an empty list; expected {allowed}")
+    items = []
+    for i, item in enumerate(value):
+        where = f"{dotted}[{i}]"
+        if not isinstance(item, dict):
+            keys = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise UserError(f"{src}: {where}: {item!r} must be a mapping with keys {keys}")
+        items.append(_build(cls, item, {}, extra, where + ".", src=src))
+    return items
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -238,31 +267,47 @@ def _check_value(value: Any, f: dataclasses.Field, extra: dict[str, tuple], dott
             raise ValueError("is out of range")
 
 
-def _build(cls: type, tree: dict, sources: dict[str, str], extra: dict[str, tuple], prefix: str = ""):
+def _build(cls: type, tree: dict, sources: dict[str, str], extra: dict[str, tuple], prefix: str = "",
+           src: str | None = None):
+    """`cls` from a mapping; `src` (where the whole mapping was set, e.g. a list item) overrides the per-key sources."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        src = sources.get(dotted) or next((s for k, s in sources.items() if k.startswith(dotted + ".")), COMMAND_LINE)
+        where_set = src or sources.get(dotted) or next(
+            (s for k, s in sources.items() if k.startswith(dotted + ".")), COMMAND_LINE)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             where = prefix.rstrip(".") or "the top level"
-            raise UserError(f"{src}: unknown key '{dotted}'{hint}; allowed in {where}: {', '.join(fields)}")
+            raise UserError(f"{where_set}: unknown key '{dotted}'{hint}; allowed in {where}: {', '.join(fields)}")
         f = fields[key]
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"{src}: '{dotted}' must be a section (a mapping), got {value!r}")
+                raise UserError(f"{where_set}: '{dotted}' must be a section (a mapping), got {value!r}")
             kwargs[key] = _build(tp, value, sources, extra, dotted + ".")
+            continue
+        item_cls = _dataclass_list_item(tp)
+        if item_cls is not None and isinstance(value, list):
+            kwargs[key] = _build_items(item_cls, value, where_set, extra, dotted,
+                                       _describe_allowed(f, tp, extra, dotted))
             continue
         try:
             value = _coerce(value, tp)
             _check_value(value, f, extra, dotted)
         except ValueError as e:
-            raise UserError(f"{src}: {dotted}: {value!r} {e}; expected {_describe_allowed(f, tp, extra, dotted)}") from None
+            raise UserError(
+                f"{where_set}: {dotted}: {value!r} {e}; expected {_describe_allowed(f, tp, extra, dotted)}"
+            ) from None
         kwargs[key] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = prefix.rstrip(".") or "the top level"
+        raise UserError(f"{src or COMMAND_LINE}: {where}: missing key '{missing[0]}'; "
+                        f"required: {', '.join(f.name for f in dataclasses.fields(cls))}")
     return cls(**kwargs)
 
 

@@ -150,9 +150,19 @@ class OptimConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a blend in data.train: both keys are required."""
+
+    path: str = field(metadata={"doc": "indexed-dataset prefix (PREFIX.bin / PREFIX.idx) or embedded"})
+    weight: float = field(metadata={"gt": 0, "doc": "relative sampling weight; the weights are normalized"})
+
+
+@dataclass
 class DataConfig:
-    # An indexed-dataset prefix (PREFIX.bin / PREFIX.idx) or "embedded" for the shipped corpus.
-    train: str = "embedded"
+    # An indexed-dataset prefix (PREFIX.bin / PREFIX.idx, e.g. from `megatron-lowp prepare`), "embedded"
+    # for the shipped corpus, or (train only) a weighted blend [{path: PREFIX, weight: W}, ...] with
+    # Megatron's blending semantics (megatron_lowp/data/blend.py, docs/data.md).
+    train: str | list[DataSource] = "embedded"
     valid: str | None = "embedded"
     tokenizer: str = "embedded"  # a sentencepiece .model file or "embedded"
 

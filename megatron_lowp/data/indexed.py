@@ -12,8 +12,10 @@ and files from Megatron's `tools/preprocess_data.py` load here. Layout of PREFIX
     int64[S] sequence pointers, byte offsets into PREFIX.bin
     int64[D] document indices: document k is sequences [doc[k], doc[k+1]); doc[0] == 0
 
-PREFIX.bin is every sequence's tokens back to back in the dtype above. We write one sequence per
-document (what preprocess_data.py does without sentence splitting) but read any S/D combination.
+PREFIX.bin is every sequence's tokens back to back in the dtype above, nothing before, between or
+after them: the reader refuses a .bin whose size differs from what its .idx describes (a truncated
+file, or a pair from different runs). We write one sequence per document (what preprocess_data.py
+does without sentence splitting) but read any S/D combination.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from megatron_lowp.errors import UserError
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes; the arrays that follow are not aligned
+INDEX_BLOCK = 1 << 20  # sequences per block when the writer streams the index arrays
 
 # Megatron's DType enum codes.
 DTYPE_CODES: dict[np.dtype, int] = {
@@ -64,6 +67,12 @@ class IndexedDatasetWriter:
         with IndexedDatasetWriter("out/train", best_token_dtype(tok.vocab_size)) as w:
             for ids in docs:
                 w.add_document(ids)
+
+    Tokens stream to a temp file next to PREFIX.bin and the sequence lengths to another, so memory
+    stays flat however large the dataset grows. On success the index is written (to a temp name as
+    well) and both files are renamed into place, .bin first. Callers writing several datasets that
+    belong together (train/valid splits) can use the two phases themselves: `open()`, `add_*`,
+    `finish()` on every writer, then `commit()` on every writer; `abort()` removes the temp files.
     """
 
     def __init__(self, prefix: str | os.PathLike[str], dtype: DTypeLike) -> None:
@@ -72,36 +81,104 @@ class IndexedDatasetWriter:
             allowed = ", ".join(str(d) for d in DTYPE_CODES)
             raise ValueError(f"indexed dataset dtype must be one of {allowed}, got {np.dtype(dtype)}")
         self.bin_path, self.idx_path = _paths(prefix)
-        self._lengths: list[int] = []
+        self.num_sequences = 0
+        self.num_tokens = 0
         self._bin: BinaryIO | None = None
-        self._bin_tmp = Path()
+        self._lengths: BinaryIO | None = None
+        self._temps: dict[str, Path] = {}
+        self._finished = False
 
-    def _temp(self, target: Path) -> tuple[int, Path]:
+    def _temp(self, target: Path, tag: str) -> BinaryIO:
         # Next to the target, so os.replace is an atomic same-filesystem rename. Not mkstemp:
         # its 0600 mode would follow the file to its final name and hide shared datasets.
         path = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._temps[tag] = path
+        return os.fdopen(fd, "wb")
+
+    def open(self) -> IndexedDatasetWriter:
+        """Create the temp files; called by `with`."""
+        if self._bin is not None or self._finished:
+            raise RuntimeError("IndexedDatasetWriter.open() called twice")
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._bin = self._temp(self.bin_path, "bin")
+            self._lengths = self._temp(self.idx_path, "lengths")
+        except BaseException:
+            self.abort()
+            raise
+        return self
 
     def __enter__(self) -> IndexedDatasetWriter:
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._bin_tmp = self._temp(self.bin_path)
-        self._bin = os.fdopen(fd, "wb")
-        self._lengths = []
-        return self
+        return self.open()
+
+    def _check_open(self) -> tuple[BinaryIO, BinaryIO]:
+        if self._bin is None or self._lengths is None:
+            raise RuntimeError("IndexedDatasetWriter: add a document between open() and finish() (or in `with`)")
+        return self._bin, self._lengths
+
+    def _check_range(self, array: np.ndarray) -> None:
+        if array.size and np.issubdtype(array.dtype, np.integer) and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            low, high = array.min(), array.max()
+            if low < info.min or high > info.max:
+                raise ValueError(f"token ids {low}..{high} do not fit in {self.dtype}")
 
     def add_document(self, tokens: ArrayLike) -> None:
         """Append one document (one sequence) of token ids."""
-        if self._bin is None:
-            raise RuntimeError("IndexedDatasetWriter.add_document outside its `with` block")
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of tokens, got shape {array.shape}")
-        if array.size and np.issubdtype(array.dtype, np.integer) and self.dtype.kind in "iu":
-            info = np.iinfo(self.dtype)
-            if array.min() < info.min or array.max() > info.max:
-                raise ValueError(f"token ids {array.min()}..{array.max()} do not fit in {self.dtype}")
-        self._bin.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._lengths.append(int(array.size))
+        self.add_documents(array, [array.size])
+
+    def add_documents(self, tokens: ArrayLike, lengths: ArrayLike) -> None:
+        """Append several documents at once: `tokens` is their concatenation, `lengths[k]` the size of the k-th."""
+        bin_file, lengths_file = self._check_open()
+        array = np.asarray(tokens)
+        sizes = np.asarray(lengths, dtype=np.int64)
+        if array.ndim != 1 or sizes.ndim != 1:
+            raise ValueError(f"tokens and lengths must be 1-D, got shapes {array.shape} and {sizes.shape}")
+        if int(sizes.sum()) != array.size or (sizes.size and sizes.min() < 0):
+            raise ValueError(f"document lengths (sum {int(sizes.sum())}) do not add up to the {array.size} tokens")
+        if sizes.size and sizes.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"a document of {int(sizes.max())} tokens exceeds the index's int32 sequence length")
+        self._check_range(array)
+        bin_file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        lengths_file.write(sizes.astype("<i4").tobytes())
+        self.num_sequences += int(sizes.size)
+        self.num_tokens += int(array.size)
+
+    def finish(self) -> None:
+        """Flush the tokens and write the index, both still under temp names."""
+        bin_file, lengths_file = self._check_open()
+        bin_file.flush()
+        os.fsync(bin_file.fileno())
+        bin_file.close()
+        lengths_file.close()
+        self._bin = self._lengths = None
+        with self._temp(self.idx_path, "idx") as f:
+            self._write_index(f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._temps.pop("lengths").unlink(missing_ok=True)
+        self._finished = True
+
+    def commit(self) -> None:
+        """Rename the finished files into place, .bin first: a reader needs both, so the .idx completes the pair."""
+        if not self._finished:
+            raise RuntimeError("IndexedDatasetWriter.commit() before finish()")
+        os.replace(self._temps.pop("bin"), self.bin_path)
+        os.replace(self._temps.pop("idx"), self.idx_path)
+
+    def abort(self) -> None:
+        """Close and delete whatever temp files are left; the final names are never touched."""
+        for f in (self._bin, self._lengths):
+            if f is not None:
+                f.close()
+        self._bin = self._lengths = None
+        for path in self._temps.values():
+            path.unlink(missing_ok=True)
+        self._temps.clear()
 
     def __exit__(
         self,
@@ -109,35 +186,31 @@ class IndexedDatasetWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._bin is not None
-        idx_tmp: Path | None = None
         try:
             if exc_type is None:
-                self._bin.flush()
-                os.fsync(self._bin.fileno())
-                self._bin.close()
-                fd, idx_tmp = self._temp(self.idx_path)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(self._index_bytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                # .bin first: a reader needs both, so the .idx completes the pair
-                os.replace(self._bin_tmp, self.bin_path)
-                os.replace(idx_tmp, self.idx_path)
+                self.finish()
+                self.commit()
         finally:
-            self._bin.close()
-            self._bin = None
-            self._bin_tmp.unlink(missing_ok=True)
-            if idx_tmp is not None:
-                idx_tmp.unlink(missing_ok=True)
+            self.abort()
 
-    def _index_bytes(self) -> bytes:
-        lengths = np.asarray(self._lengths, dtype="<i4")
-        pointers = np.zeros(len(lengths), dtype="<i8")
-        np.cumsum(lengths[:-1].astype("<i8") * self.dtype.itemsize, out=pointers[1:])
-        documents = np.arange(len(lengths) + 1, dtype="<i8")
-        header = MAGIC + struct.pack("<QBQQ", VERSION, DTYPE_CODES[self.dtype], len(lengths), len(documents))
-        return header + lengths.tobytes() + pointers.tobytes() + documents.tobytes()
+    def _write_index(self, f: BinaryIO) -> None:
+        """Header, lengths, pointers, document indices; streamed in blocks from the lengths temp file."""
+        n, block = self.num_sequences, INDEX_BLOCK
+        f.write(MAGIC + struct.pack("<QBQQ", VERSION, DTYPE_CODES[self.dtype], n, n + 1))
+        lengths_path = self._temps["lengths"]
+        with open(lengths_path, "rb") as src:
+            while chunk := src.read(4 * block):
+                f.write(chunk)
+        offset = 0  # byte offset of the next sequence in PREFIX.bin
+        for start in range(0, n, block):
+            lengths = np.fromfile(lengths_path, dtype="<i4", count=min(block, n - start), offset=4 * start)
+            ends = np.cumsum(lengths.astype("<i8") * self.dtype.itemsize) + offset
+            pointers = np.concatenate([[offset], ends[:-1]]).astype("<i8")
+            f.write(pointers.tobytes())
+            offset = int(ends[-1])
+        # one sequence per document: document indices 0, 1, ..., n
+        for start in range(0, n + 1, block):
+            f.write(np.arange(start, min(start + block, n + 1), dtype="<i8").tobytes())
 
 
 class IndexedDataset:
@@ -192,6 +265,11 @@ class IndexedDataset:
         size = self.bin_path.stat().st_size
         if size < end:
             raise UserError(f"{self.bin_path}: truncated ({size} bytes, its index {self.idx_path.name} needs {end})")
+        if size > end:
+            raise UserError(
+                f"{self.bin_path}: {size} bytes, but its index {self.idx_path.name} describes {end}: the .bin/.idx "
+                "pair does not match (written by different runs?); prepare the dataset again"
+            )
         self.num_tokens = end // itemsize
         self.tokens: np.ndarray = (
             np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))

@@ -18,7 +18,7 @@ import torch
 
 from megatron_lowp import __version__
 from megatron_lowp.config import Config, config_to_dict
-from megatron_lowp.data import PackedTokenDataset, SampleStream, Tokenizer, embedded_dataset_prefix, sequential_batches
+from megatron_lowp.data import Tokenizer, build_train_stream, build_valid_dataset, sequential_batches
 from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
@@ -49,15 +49,6 @@ class TrainResult:
     val_loss: float | None
     checkpoint: Path | None
     seconds: float
-
-
-def resolve_data_prefix(value: str, split: str, key: str) -> str:
-    if value == "embedded":
-        return embedded_dataset_prefix(split)
-    for suffix in (".bin", ".idx"):
-        if not Path(value + suffix).is_file():
-            raise UserError(f"{key}: '{value}' has no {value}{suffix} (expected an indexed dataset prefix or 'embedded')")
-    return value
 
 
 def _resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
@@ -154,11 +145,10 @@ class Trainer:
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         _resolve_vocab(cfg, self.tokenizer)
         t = cfg.train
-        self.train_data = PackedTokenDataset(resolve_data_prefix(cfg.data.train, "train", "data.train"), t.seq_len)
-        self.valid_data = None
-        if cfg.data.valid is not None and t.eval_every:
-            self.valid_data = PackedTokenDataset(resolve_data_prefix(cfg.data.valid, "valid", "data.valid"), t.seq_len)
-        self.stream = SampleStream(self.train_data, seed=cfg.run.seed)
+        # data (megatron_lowp/data/blend.py): one dataset or a weighted blend, ids checked against the tokenizer
+        vocab = self.tokenizer.vocab_size
+        self.stream = build_train_stream(cfg.data, t.seq_len, seed=cfg.run.seed, vocab_size=vocab)
+        self.valid_data = build_valid_dataset(cfg.data, t.seq_len, vocab) if t.eval_every else None
         self.recipe = build_recipe(cfg, self.device)
         self.device.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
@@ -200,6 +190,7 @@ class Trainer:
         self.device.set_rng_state(state["rng"])
         self.step = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
+        self.stream.load_state_dict(meta.get("data"))  # warns if the data changed; blends: counts as a shortcut
         self.tokens = int(meta["tokens"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.resumed_from = path
@@ -210,6 +201,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         meta = {
             "consumed_samples": self.consumed_samples,
+            "data": self.stream.state_dict(self.consumed_samples),  # the sampler's position and what it depends on
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
             "qaf_start_step": self.qaf_start_step,
