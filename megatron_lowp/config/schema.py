@@ -182,6 +182,11 @@ class TrainConfig:
     # Stop (with a checkpoint) after this step while the schedule still follows `steps`: for
     # job time limits, and to test that a resumed run matches an uninterrupted one.
     stop_at_step: int | None = bounded(None, ge=1)
+    # A step whose gradient norm is NaN/Inf: skip its update (counted), roll back to the last
+    # checkpoint and skip that step's data, or stop. More than max_nonfinite_steps in a row stops.
+    nan_policy: str = choice("skip", "skip", "rollback", "stop")
+    max_nonfinite_steps: int = bounded(5, ge=1, doc="consecutive non-finite steps tolerated before stopping")
+    loss_spike_factor: float = bounded(2.0, gt=1, doc="log an event when a step's loss exceeds this x its running mean")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from megatron_lowp.precision.quantized_linear import (
     QuantizedLinear,
     QuantizedLinearFunction,
     commit_amax_histories,
+    discard_amax_observations,
     high_precision_backward,
     set_high_precision_backward,
     set_sr_rank,
@@ -22,6 +23,6 @@ from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
 
 __all__ = [
     "ROLES", "ROLE_AXIS", "GemmSpecs", "LinearFactory", "PrecisionRecipe", "QuantSpec", "QuantizedLinear",
-    "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "commit_amax_histories",
+    "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "commit_amax_histories", "discard_amax_observations",
     "high_precision_backward", "register_recipe", "role_spec", "set_high_precision_backward", "set_sr_rank",
 ]

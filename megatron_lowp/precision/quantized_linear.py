@@ -251,6 +251,13 @@ def high_precision_backward(model: nn.Module):
             module.specs = specs
 
 
+def discard_amax_observations(model: nn.Module) -> None:
+    """Forget the amaxes of the current step (a skipped step's NaN/Inf must not enter the histories)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.delayed is not None:
+            module.delayed.pending = {}
+
+
 def commit_amax_histories(model: nn.Module, reduce_max: ReduceMax | None = None) -> None:
     """Call after every optimizer step: each quantized linear's delayed scales take in the step's
     amaxes (reduce_max, e.g. an all-reduce MAX over data-parallel ranks, makes them global)."""

@@ -8,6 +8,7 @@ logging, evaluation and checkpoint steps.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -29,6 +30,7 @@ from megatron_lowp.precision import (
     QuantizedLinear,
     build_recipe,
     commit_amax_histories,
+    discard_amax_observations,
     set_high_precision_backward,
     set_sr_rank,
 )
@@ -173,6 +175,13 @@ class Trainer:
         self.grad_noise_ratio: float | None = None  # the monitor's latest overall ratio
         self.numerics_rows: list[dict] = []  # telemetry, gradient-noise and QAF rows for numerics.jsonl
         self.notes: list[str] = []  # messages for the progress display
+        self.events: list[dict] = []  # non-finite steps, rollbacks, loss spikes: events.jsonl
+        self.skipped_steps = 0  # updates skipped for a non-finite gradient (in checkpoints)
+        self.skip_batches: set[int] = set()  # sample positions of global batches a rollback marked bad
+        self._nonfinite_in_a_row = 0
+        self._rolled_back = False
+        self._loss_mean: float | None = None  # running mean of the loss, for spike events
+        self._loss_count = 0
         resume_from = checkpoint_to_resume(cfg, self.run_dir)
         if resume_from is not None:
             self._load(resume_from)
@@ -191,6 +200,8 @@ class Trainer:
         self.step = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
         self.stream.load_state_dict(meta.get("data"))  # warns if the data changed; blends: counts as a shortcut
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.skip_batches = set(meta.get("skip_batches", []))
         self.tokens = int(meta["tokens"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.resumed_from = path
@@ -205,6 +216,8 @@ class Trainer:
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
             "qaf_start_step": self.qaf_start_step,
+            "skipped_steps": self.skipped_steps,
+            "skip_batches": sorted(self.skip_batches),
             "version": __version__,
             "config": config_to_dict(self.cfg),
         }
@@ -249,6 +262,51 @@ class Trainer:
                               f"{g.threshold:.3g}: FP4 gradients are no longer effective; {action}")
             self._qaf_requested = self.cfg.precision.qaf.auto
 
+    # --- numerical faults ---------------------------------------------------------------------
+    def _nonfinite(self, loss: float, norm: float) -> None:
+        """Apply train.nan_policy to a step whose gradient norm is NaN/Inf."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        discard_amax_observations(self.model)  # an Inf amax must not set the next scales
+        self.skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        event = {"step": self.step, "event": "nonfinite", "loss": loss, "grad_norm": norm, "action": t.nan_policy}
+        latest = self.checkpoints.latest()
+        where = f"the last checkpoint is {latest}" if latest else "no checkpoint has been written yet"
+        if t.nan_policy == "stop" or self._nonfinite_in_a_row > t.max_nonfinite_steps:
+            self.events.append({**event, "action": "stop"})
+            reason = ("train.nan_policy is stop" if t.nan_policy == "stop"
+                      else f"{self._nonfinite_in_a_row} non-finite steps in a row > train.max_nonfinite_steps")
+            raise UserError(f"step {self.step}: non-finite gradient norm ({norm}), loss {loss}; stopping ({reason}); "
+                            f"{where}")
+        if t.nan_policy == "rollback":
+            if latest is None:
+                raise UserError(f"step {self.step}: non-finite gradient norm ({norm}); train.nan_policy is rollback "
+                                "but no checkpoint has been written yet")
+            bad = self.consumed_samples
+            self._load(latest)
+            self.skip_batches.add(bad)
+            self._rolled_back = True
+            self.events.append({**event, "rolled_back_to": str(latest), "skipped_samples_at": bad})
+            self.notes.append(f"step {event['step']}: non-finite gradient norm; rolled back to {latest} and will skip "
+                              f"the {t.global_batch_size} samples at position {bad}")
+            return
+        # skip: this batch is consumed without an update
+        self.consumed_samples += t.global_batch_size
+        self.tokens += t.global_batch_size * t.seq_len
+        self.events.append(event)
+        self.notes.append(f"step {self.step}: non-finite gradient norm ({norm}); update skipped "
+                          f"({self.skipped_steps} skipped so far)")
+
+    def _watch_loss(self, loss: float) -> None:
+        """A loss spike (above loss_spike_factor x the running mean, after 20 steps) is an event."""
+        if self._loss_mean is not None and self._loss_count >= 20 and loss > self.cfg.train.loss_spike_factor * self._loss_mean:
+            self.events.append({"step": self.step, "event": "loss_spike", "loss": loss, "running_mean": self._loss_mean})
+            self.notes.append(f"step {self.step}: loss spike {loss:.4f} (running mean {self._loss_mean:.4f})")
+        self._loss_count += 1
+        weight = 0.05 if self._loss_count > 20 else 1 / self._loss_count
+        self._loss_mean = loss if self._loss_mean is None else (1 - weight) * self._loss_mean + weight * loss
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next global batch; returns (loss, grad_norm) as tensors."""
         t, o, p = self.cfg.train, self.cfg.optim, self.cfg.precision
@@ -262,6 +320,8 @@ class Trainer:
         else:
             lr = lr_at(self.step, o, t.steps)
         self.engine.set_lr(lr)
+        while self.consumed_samples in self.skip_batches:  # data a rollback found to produce NaN/Inf
+            self.consumed_samples += t.global_batch_size
         batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size, self.dist.rank,
                                          self.dist.world_size)  # this rank's share
         micro_batches = batch.split(t.micro_batch_size)
@@ -282,6 +342,13 @@ class Trainer:
         if telemetry:
             self.numerics_rows += telemetry_rows(self.model, self.step)
         grad_norm = self.engine.clip_grad_norm(t.grad_clip)
+        # One host sync per step: a NaN/Inf must be caught before the optimizer applies it.
+        loss_now, norm_now = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
+        if not math.isfinite(norm_now):  # the norm is global: every rank takes the same decision
+            self._nonfinite(loss_now, norm_now)
+            return total, grad_norm
+        self._nonfinite_in_a_row = 0
+        self._watch_loss(loss_now)
         self.engine.step()
         self.model.after_optimizer_step()  # e.g. nGPT puts its weights back on the unit sphere
         # Delayed FP8 scales move once per optimizer step, from the amax over all data-parallel ranks.
@@ -307,6 +374,7 @@ class Trainer:
         metrics = (MetricsLog(self.run_dir, self.step, cfg.logging, cfg.run.name, config_to_dict(cfg))
                    if self.main else NullLog())
         numerics = JsonlLog(self.run_dir / "numerics.jsonl", self.step) if self.quantized and self.main else None
+        events = JsonlLog(self.run_dir / "events.jsonl", self.step) if self.main else NullLog()
         progress = Progress(t.steps, self.step, cfg.logging.progress, silent=not self.main)
         if self.resumed_from is not None:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
@@ -324,6 +392,20 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 window_tokens += t.global_batch_size * t.seq_len
                 progress.update()
+                if self._rolled_back:  # the rows after the checkpoint will be written again
+                    self._rolled_back = False
+                    for log in (metrics, events) + ((numerics,) if numerics is not None else ()):
+                        log.truncate(self.step)
+                    self.numerics_rows = []
+                    for note in self.notes:
+                        progress.note(note)
+                    self.notes = []
+                    events.write(self.events)
+                    self.events = []
+                    continue
+                if self.events:
+                    events.write(self.events)
+                    self.events = []
                 if numerics is not None and self.numerics_rows:
                     numerics.write(self.numerics_rows)
                 self.numerics_rows = []
@@ -369,6 +451,10 @@ class Trainer:
         finally:
             progress.close()
             metrics.close()
+            events.close()
+            if self.events:  # e.g. the stop event of a run that ends with an error
+                with open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(e) + "\n" for e in self.events) if self.main else "")
             if numerics is not None:
                 numerics.close()
         return TrainResult(self.run_dir, self.step, self.tokens, loss_value, val_loss, ckpt,

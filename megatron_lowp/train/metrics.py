@@ -44,6 +44,13 @@ class JsonlLog:
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
+    def truncate(self, step: int) -> None:
+        """Drop the rows after `step` (a rollback redoes them)."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         self._file.write("".join(json.dumps(r) + "\n" for r in rows))
         self._file.flush()
@@ -60,6 +67,12 @@ class NullLog:
     def log(self, row: dict[str, Any]) -> None:
         pass
 
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def truncate(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -70,6 +83,9 @@ class MetricsLog:
         self.path, self.earlier_rows = self._jsonl.path, self._jsonl.earlier_rows
         self._wandb = _start_wandb(cfg, Path(run_dir), run_name, config) if cfg.wandb.enabled else None
         self._tb = _start_tensorboard(Path(run_dir)) if cfg.tensorboard else None
+
+    def truncate(self, step: int) -> None:
+        self._jsonl.truncate(step)
 
     def log(self, row: dict[str, Any]) -> None:
         self._jsonl.write([row])
