@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 COMPILE_MIN_NUMEL = 1 << 16
+RECOMPILE_LIMIT = 64
 
 
 def enabled() -> bool:
@@ -35,6 +36,10 @@ def cpu_compiled(fn: Callable) -> Callable:
 
     def compiled() -> Callable | None:
         if "fn" not in state:
+            # Each format and rounding mode is its own specialization (the format's constants are
+            # baked in); dynamo's default of 8 per function would fall back to slow eager ops once a
+            # process has used a few recipes, e.g. a benchmark of fp8 and fp4 side by side.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             state["fn"] = torch.compile(fn, dynamic=True) if enabled() else None
         return state["fn"]
 
