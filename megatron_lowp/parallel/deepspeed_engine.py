@@ -17,23 +17,25 @@ and gradient reductions, FP32 masters only inside the ZeRO optimizer) or add fp1
 of the recipe's autocast and quantized linears. A file that enables them is obeyed, with a warning
 that the numerics are no longer the recipe's.
 
-The step. The loop runs backward on every micro-batch and then one step; DeepSpeed counts
-micro-steps and updates on the gradient_accumulation_steps-th `engine.step()`. So `backward` calls
-`engine.step()` after every micro-batch but the last (the loop says which through
-`accumulating(last)`): DeepSpeed only counts those, and the engine's `step()` is the boundary, where
-it finishes the gradient reduction, clips to train.grad_clip and updates. (DeepSpeed 0.19's
-`managed_gradient_accumulation: false` would express the same, but this pattern also works with older
-DeepSpeed and Habana's fork.) The loop already divides each micro-batch's loss by the number of
+The step. The loop runs backward on every micro-batch, then asks for the gradient norm (skipping the
+update if it is not finite, train.nan_policy) and steps once. `accumulating(last)` tells DeepSpeed
+whether a micro-batch ends the global batch (`set_gradient_accumulation_boundary`), so it reduces the
+gradients there and `engine.step()`, called once per global batch, always updates; a skipped step
+leaves no micro-step count behind. The loop already divides each micro-batch's loss by the number of
 micro-batches, so `backward` passes `scale_wrt_gas=False` (DeepSpeed would divide by
 gradient_accumulation_steps a second time).
 
-Clipping. `clip_grad_norm` cannot clip before the step with ZeRO (the gradients live in partitioned
-buffers), so it returns a tensor that `step()` fills with ZeRO's global gradient norm before clipping
-(`get_global_grad_norm()`); the loop reads it after the step, as it does for every engine. ZeRO
-computes that norm in FP64 where torch's clip_grad_norm_ (ddp, fsdp) uses FP32, so clipped steps
-differ from ddp at the 1e-5 relative level (losses otherwise match ddp bit for bit at ZeRO 1/2).
-Stage 0 (DeepSpeed's plain data parallelism) clips with torch's clip_grad_norm_ on the averaged
-gradients in a pre-step hook of the optimizer instead (gradient_clipping is set to 0 for DeepSpeed).
+Clipping. ZeRO clips inside its step to `gradient_clipping` = train.grad_clip. `clip_grad_norm`
+returns the global gradient norm before clipping, computed before the step with ZeRO's own norm
+(over each rank's gradient partition, all-reduced; ZeRO recomputes it in its step). If it is not
+finite, `clip_grad_norm` hands the step to DeepSpeed at once: its overflow check discards the
+accumulated gradients without an update (for FP32 parameters always, for bf16 with
+`check_grad_overflow`, which is therefore required), and the loop's skip/rollback/stop policy
+follows. ZeRO computes the norm in FP64 where torch's clip_grad_norm_ (ddp, fsdp) uses FP32, so
+clipped steps differ from ddp at the 1e-5 relative level (losses otherwise match ddp bit for bit at
+ZeRO 1/2). Stage 0 (DeepSpeed's plain data parallelism) clips like the base engine: the gradients
+are all-reduced at the boundary backward, and torch's clip_grad_norm_ clips them and gives the norm
+(DeepSpeed's own gradient_clipping is set to 0).
 
 Optimizers. With ZeRO 1-3 the optimizer steps on flat 1-D FP32 partitions of each parameter group,
 not on the parameters: torch's AdamW (optim.moments=fp32, optim.master_weights=fp32) is the same
@@ -147,8 +149,12 @@ def build_deepspeed_config(cfg, world_size: int, n_params: int | None = None) ->
             raise UserError(f"{where}: remove '{key}': the optimizer is the recipe's (optim.*), handed to DeepSpeed "
                             "as its client optimizer, and the training loop sets the learning rate every step")
     if config.get("managed_gradient_accumulation", True) is not True:
-        raise UserError(f"{where}: managed_gradient_accumulation must be true (or absent): the engine steps "
-                        "DeepSpeed after every micro-batch and lets it find the accumulation boundary")
+        raise UserError(f"{where}: managed_gradient_accumulation must be true (or absent): the engine marks "
+                        "the accumulation boundary (the last micro-batch of each global batch) for DeepSpeed")
+    for name in ("bf16", "bfloat16"):
+        if _enabled(config.get(name)) and config[name].get("check_grad_overflow", True) is False:
+            raise UserError(f"{where}: {name}.check_grad_overflow must stay true: it is how a step with a "
+                            "non-finite gradient norm is discarded (train.nan_policy)")
     for kind in ("offload_optimizer", "offload_param"):
         if isinstance(zero.get(kind), dict) and zero[kind].get("device") == "nvme":
             raise UserError(f"{where}: zero_optimization.{kind}.device 'nvme' is not supported: checkpoints "
@@ -295,10 +301,6 @@ class DeepSpeedEngine(Engine):
         self._names = names
         self._group_params: list[list[nn.Parameter]] = [list(g["params"]) for g in client.param_groups]
         self._group_keys = [[k for k in g if k != "params"] for g in client.param_groups]
-        self._norm = torch.full((), float("nan"))
-        self._last = True
-        if self.stage == 0:
-            client.register_step_pre_hook(lambda *_: self._clip_stage0())
         # DeepSpeed reads the launcher's variables; one process started without a launcher has none.
         for key, value in (("RANK", info.rank), ("LOCAL_RANK", info.local_rank), ("WORLD_SIZE", info.world_size)):
             os.environ.setdefault(key, str(value))
@@ -314,26 +316,30 @@ class DeepSpeedEngine(Engine):
 
     # --- a training step ----------------------------------------------------------------------
     def accumulating(self, last: bool):
-        self._last = last  # DeepSpeed reduces gradients itself when it reaches the accumulation boundary
+        self.ds.set_gradient_accumulation_boundary(last)  # DeepSpeed reduces the gradients after the last
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # the loop has divided by the number of micro-batches
-        if not self._last:
-            self.ds.step()  # a micro-step: DeepSpeed counts it; the last one is step()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """DeepSpeed clips inside step() to train.grad_clip; returns a tensor that step() fills with the
-        global gradient norm before clipping (read it after step(), as the loop does)."""
+        """The global gradient norm before clipping; ZeRO clips in step() (to train.grad_clip, its
+        config). A non-finite norm makes DeepSpeed discard this step's gradients right away."""
         if max_norm != self._max_norm:
             raise ValueError(f"deepspeed clips to train.grad_clip = {self._max_norm} (its config), not {max_norm}")
-        self._norm = torch.full((), float("nan"))
-        return self._norm
+        if self.stage == 0:
+            return super().clip_grad_norm(max_norm)  # the boundary backward has all-reduced p.grad
+        if self.stage in (1, 2):
+            norm = self._zero.scaled_global_norm()
+        else:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
 
-    def _clip_stage0(self) -> None:
-        params = [p for g in self._group_params for p in g]
-        norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm if self._max_norm > 0 else math.inf)
-        self._norm.copy_(norm.detach().to(self._norm.device, torch.float32))
+            norm = combine_grad_norm_groups(self._zero._get_norm_groups())
+        norm = torch.as_tensor(norm, dtype=torch.float64) / self._zero.loss_scale
+        if not math.isfinite(norm.item()):
+            self.ds.step()  # ZeRO's overflow check: gradients dropped, no update
+            return torch.full((), math.inf)
+        return norm.float()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -341,17 +347,7 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> None:
         self._sync_masters()
-        if not self.ds.is_gradient_accumulation_boundary():
-            raise RuntimeError("deepspeed: step() before the last micro-batch of the global batch "
-                               "(engine.accumulating(last=True) was not seen)")
         self.ds.step()
-        self._last = True
-        if self.stage >= 1:
-            norm = self.ds.get_global_grad_norm()
-            if isinstance(norm, torch.Tensor):
-                self._norm.copy_(norm.detach().to(self._norm.device, torch.float32))
-            elif norm is not None:
-                self._norm.fill_(float(norm))
 
     def _sync_masters(self) -> None:
         """ZeRO 1/2 with FP32 parameters: the parameters are the truth (nGPT renormalizes them after
