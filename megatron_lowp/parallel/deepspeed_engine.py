@@ -62,8 +62,8 @@ flat partition covers. Nothing is gathered to save, and DCP reassembles any layo
 deepspeed checkpoint resumes at another world size, another ZeRO stage, or with parallel.engine
 single/ddp/fsdp, and a ddp/fsdp checkpoint resumes under deepspeed (for an offline consolidated copy:
 torch.distributed.checkpoint.format_utils.dcp_to_torch_save). DeepSpeed's own counters (global_steps,
-skipped steps) are not saved; the loop keeps the step count. Stage 0 saves with get_state_dict like
-the base engine. ShardedTensor is deprecated in torch (in favour of DTensor, whose even shards
+skipped steps) are not saved; the loop keeps the step count. `load_state_dict` also works on a
+running engine (train.nan_policy=rollback). Stage 0 saves with get_state_dict like the base engine. ShardedTensor is deprecated in torch (in favour of DTensor, whose even shards
 cannot describe ZeRO's partitions) but still read and written by DCP in torch 2.13; its deprecation
 notices, and those of the collectives DeepSpeed 0.19 calls by their old names, are filtered.
 
@@ -92,8 +92,6 @@ from megatron_lowp.parallel.engine import Engine, OptimizerFactory
 
 MISSING_DEEPSPEED = ("parallel.engine: 'deepspeed' needs the deepspeed package (pip install -e .[deepspeed]); "
                      "on Gaudi use Habana's DeepSpeed fork")
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_DS_ACCELERATOR = {"cpu": "cpu", "cuda": "cuda", "hpu": "hpu"}
 # Printed by DeepSpeed at every `steps_per_print` steps: never, the loop logs.
 _NEVER = 1 << 62
 
@@ -188,7 +186,7 @@ def build_deepspeed_config(cfg, world_size: int, n_params: int | None = None) ->
     config.setdefault("steps_per_print", _NEVER)
     config.setdefault("wall_clock_breakdown", False)
     if stage == 0:
-        # Stage 0 clips in our pre-step hook (torch's clip_grad_norm_), which also measures the norm.
+        # Stage 0 clips like the base engine, with torch's clip_grad_norm_ (which also gives the norm).
         config["gradient_clipping"] = 0.0
     half = half_precision_sections(config)
     if half:
@@ -228,9 +226,9 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tupl
 
 # --- the engine ---------------------------------------------------------------------------------
 def import_deepspeed(device_type: str):
-    """deepspeed, on the accelerator our device uses (DeepSpeed picks one at import)."""
-    if device_type in _DS_ACCELERATOR:
-        os.environ.setdefault("DS_ACCELERATOR", _DS_ACCELERATOR[device_type])
+    """deepspeed, on the accelerator our device uses (DeepSpeed picks one at import; its accelerator
+    names are our device types)."""
+    os.environ.setdefault("DS_ACCELERATOR", device_type)
     try:
         import deepspeed
     except ModuleNotFoundError as e:
@@ -240,9 +238,9 @@ def import_deepspeed(device_type: str):
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
-    if _DS_ACCELERATOR.get(device_type, device_type) != name:
+    if device_type != name:
         raise UserError(f"device.type is {device_type} but DeepSpeed runs on its '{name}' accelerator; set "
-                        f"DS_ACCELERATOR={_DS_ACCELERATOR.get(device_type, device_type)} (or device.type={name})")
+                        f"DS_ACCELERATOR={device_type} (or device.type={name})")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 calls collectives that torch 2.13 renamed, and our checkpoints describe ZeRO's
     # partitions to DCP as ShardedTensors (see the module docstring): deprecation notices the user
