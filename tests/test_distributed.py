@@ -25,7 +25,8 @@ TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_h
 FAST_LR = "optim.lr=1e-2"  # so that 6 steps of the tiny model show learning
 
 
-def launch(repo: Path, out: Path, name: str, nproc: int, *overrides: str, timeout: int = 300, wait: bool = True):
+def launch(repo: Path, out: Path, name: str, nproc: int, *overrides: str, timeout: int = 300, wait: bool = True,
+           env_extra: dict | None = None):
     """`megatron-lowp train` under torchrun (nproc > 1) or as one plain process (nproc == 1)."""
     args = [str(repo / "recipes/quickstart.yaml"), *TINY, f"run.out_dir={out}", f"run.name={name}", *overrides]
     if nproc > 1:
@@ -33,7 +34,7 @@ def launch(repo: Path, out: Path, name: str, nproc: int, *overrides: str, timeou
                "--master_port", str(_free_port()), "-m", "megatron_lowp", "train", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_lowp", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -152,3 +153,29 @@ def _worker_pid(launcher_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env) and int(stat[3]) == launcher_pid:
             return int(proc_dir.name)
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+HANG = """
+import os, time
+if os.environ.get("RANK") == "1":
+    import megatron_lowp.train.loop as loop
+    _orig = loop.Trainer.train_step
+    def _hang(self):
+        if self.step + 1 == 3:
+            time.sleep(3600)  # rank 1 hangs when it would start step 3
+        return _orig(self)
+    loop.Trainer.train_step = _hang
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_ends_the_job_within_the_timeout_naming_it(repo, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG)  # loaded by every worker: a stand-in for a real hang
+    start = time.time()
+    proc = launch(repo, tmp_path, "hangs", 2, "parallel.engine=ddp", "parallel.timeout_s=15", wait=False,
+                  env_extra={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and time.time() - start < 200
+    assert "parallel.timeout_s = 15 s at step 3; behind: rank 1 (last started step 2)" in out, out[-3000:]

@@ -83,6 +83,8 @@ def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
         raise UserError(f"{path}: checkpoint is incompatible with this recipe: " + "; ".join(diffs))
 
 
+HEARTBEATS = ".heartbeats"  # in the run directory: one small file per rank, the step it last started
+
 # Engines whose gradients the gradient-noise monitor can take with torch.autograd.grad on the plain
 # module; FSDP2 and DeepSpeed own the backward of their parameters.
 MONITOR_ENGINES = ("single", "ddp")
@@ -307,10 +309,18 @@ class Trainer:
         weight = 0.05 if self._loss_count > 20 else 1 / self._loss_count
         self._loss_mean = loss if self._loss_mean is None else (1 - weight) * self._loss_mean + weight * loss
 
+    def _heartbeat(self) -> None:
+        """Each rank notes the step it starts, so a timeout can name the rank that fell behind."""
+        beat = self.run_dir / HEARTBEATS / f"rank{self.dist.rank}"
+        beat.parent.mkdir(exist_ok=True)
+        beat.write_text(f"{self.step} {time.time():.0f}\n")
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next global batch; returns (loss, grad_norm) as tensors."""
         t, o, p = self.cfg.train, self.cfg.optim, self.cfg.precision
         self.step += 1
+        if self.dist.world_size > 1:
+            self._heartbeat()
         if self.quantized and self.qaf_start_step is None:
             reason = self._qaf_reason(self.step)
             if reason is not None:
@@ -461,9 +471,38 @@ class Trainer:
                            train_seconds_before + time.perf_counter() - run_start)
 
 
+def _is_collective_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or "timed out" in text or "timeout" in text
+
+
+def _hung_ranks(run_dir: Path, world_size: int) -> str:
+    """From the ranks' heartbeats (their last started step): which ranks fell behind."""
+    beats = {}
+    for r in range(world_size):
+        try:
+            beats[r] = int((run_dir / HEARTBEATS / f"rank{r}").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            beats[r] = -1
+    behind = [r for r, step in beats.items() if step < max(beats.values())]
+    if not behind:
+        return "every rank started the same step, so one is stuck inside it"
+    return ", ".join(f"rank {r} (last started step {beats[r]})" for r in behind)
+
+
 def train(cfg: Config) -> TrainResult:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    finally:
-        trainer.engine.shutdown()
+        result = trainer.fit()
+    except RuntimeError as e:
+        if trainer.dist.world_size == 1 or not _is_collective_timeout(e):
+            raise
+        raise UserError(
+            f"rank {trainer.dist.rank}: a collective did not complete within parallel.timeout_s = "
+            f"{cfg.parallel.timeout_s:g} s at step {trainer.step}; behind: {_hung_ranks(trainer.run_dir, trainer.dist.world_size)}. "
+            f"A rank is hung or dead; the job stops (last checkpoint: {trainer.checkpoints.latest()})"
+        ) from None
+    # Only a run that ended well leaves the process group with a barrier: after a failure the other
+    # ranks may never arrive, and the launcher ends them.
+    trainer.engine.shutdown()
+    return result
