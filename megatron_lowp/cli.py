@@ -132,6 +132,17 @@ def _add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="sentencepiece trainer threads")
 
 
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.compare import write_comparison
+
+    write_comparison([Path(r) for r in args.runs], Path(args.baseline), Path(args.out))
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/report.md, summary.json and loss.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_lowp import __version__
 
@@ -149,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize raw text into Megatron indexed datasets (train/valid splits)")
     _add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("compare", help="compare runs against a baseline run: report.md, summary.json, loss.png")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--baseline", required=True, help="the baseline run directory (e.g. the BF16 run)")
+    p.add_argument("--out", required=True, help="directory for report.md, summary.json and loss.png")
+    p.set_defaults(func=cmd_compare)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     p = tok_sub.add_parser("train", help="train a sentencepiece BPE/unigram tokenizer on a sample of a corpus")
