@@ -132,6 +132,33 @@ def _add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="sentencepiece trainer threads")
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.evaluate import evaluate
+
+    r = evaluate(Path(args.checkpoint), data=args.data, iters=args.iters, bf16=not args.no_bf16)
+    t = r["trained_precision"]
+    print(f"step {r['step']}: {t['precision']} loss {t['loss']:.4f}, perplexity {t['perplexity']:.2f} "
+          f"({t['tokens']:,} tokens of {r['data']})")
+    if "bf16" in r:
+        print(f"         bf16 loss {r['bf16']['loss']:.4f}, perplexity {r['bf16']['perplexity']:.2f} "
+              f"(bf16 - {t['precision']}: {r['bf16_minus_trained']:+.4f})")
+    print(f"wrote {r['written']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.evaluate import generate, load_model
+
+    loaded = load_model(Path(args.checkpoint))
+    text = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pathlib import Path
 
@@ -160,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize raw text into Megatron indexed datasets (train/valid splits)")
     _add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint, in its precision and in BF16")
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")
+    p.add_argument("--data", help="an indexed-dataset prefix to evaluate on (default: the recipe's data.valid)")
+    p.add_argument("--iters", type=int, help="batches (default: the recipe's train.eval_iters)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the BF16 evaluation of the same weights")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (greedy or sampled)")
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("compare", help="compare runs against a baseline run: report.md, summary.json, loss.png")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--baseline", required=True, help="the baseline run directory (e.g. the BF16 run)")

@@ -1,0 +1,157 @@
+"""Load a trained model from a checkpoint, and use it: validation loss and perplexity (in the
+precision it was trained in and, for comparison, in BF16), and text generation.
+
+`load_model(path, precision=None)` accepts a run directory (its newest complete checkpoint) or a
+checkpoint directory; the checkpoint is verified against its manifest, and the recipe is the one
+saved in its meta.json, so the model is rebuilt exactly as it was trained. Only the model's tensors
+are read (not the optimizer's). `precision="bf16"` rebuilds the same weights with plain BF16
+linears: the difference between the two losses is what the low-precision forward costs at
+inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from megatron_lowp.config import Config, config_to_dict, load_config
+from megatron_lowp.data import Tokenizer, build_valid_dataset, sequential_batches
+from megatron_lowp.device import Device, get_device
+from megatron_lowp.errors import UserError
+from megatron_lowp.model import build_model, cross_entropy_loss
+from megatron_lowp.precision import PrecisionRecipe, available_recipes, build_recipe
+from megatron_lowp.train.checkpoint import CheckpointManager, verify
+from megatron_lowp.train.safe_dcp import SafeFileSystemReader
+
+
+@dataclass
+class Loaded:
+    checkpoint: Path
+    cfg: Config
+    model: torch.nn.Module
+    recipe: PrecisionRecipe
+    device: Device
+    step: int
+
+
+def find_checkpoint(path: Path) -> Path:
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    latest = CheckpointManager(path).latest() if (path / "checkpoints").is_dir() else None
+    if latest is None:
+        raise UserError(f"{path}: neither a checkpoint directory nor a run directory with a complete checkpoint")
+    return latest
+
+
+def _config_of(meta: dict, precision: str | None) -> Config:
+    """The recipe the checkpoint was trained with (from its meta.json), optionally in another precision."""
+    saved = copy.deepcopy(meta["config"])
+    if precision is not None:
+        saved["precision"] = {"recipe": precision, "smooth_swiglu": saved["precision"].get("smooth_swiglu", False),
+                              "smooth_swiglu_granularity": saved["precision"].get("smooth_swiglu_granularity", "token")}
+    saved["run"]["resume"] = "never"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(saved, f)
+    try:
+        return load_config(f.name, extra_choices={"precision.recipe": available_recipes()})
+    finally:
+        Path(f.name).unlink()
+
+
+def load_model(path: Path, precision: str | None = None, device_type: str = "auto") -> Loaded:
+    checkpoint = find_checkpoint(path)
+    meta = verify(checkpoint)
+    cfg = _config_of(meta, precision)
+    device = get_device(device_type if device_type != "auto" else cfg.device.type)
+    recipe = build_recipe(cfg, device)
+    model = build_model(cfg.model, recipe).to(device.torch_device)
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint))
+    except Exception as e:  # noqa: BLE001 - DCP wraps failures; the user needs the path
+        raise UserError(f"{checkpoint}: its model does not load into the recipe it records: {e}") from None
+    set_model_state_dict(model, state["model"])
+    model.eval()
+    return Loaded(checkpoint, cfg, model, recipe, device, int(meta["step"]))
+
+
+@torch.no_grad()
+def validation_loss(loaded: Loaded, data: str | None = None, iters: int | None = None,
+                    batch_size: int | None = None) -> dict:
+    cfg = copy.deepcopy(loaded.cfg)
+    if data is not None:
+        cfg.data.valid = data
+    t = cfg.train
+    dataset = build_valid_dataset(cfg.data, t.seq_len, Tokenizer.load(cfg.data.tokenizer).vocab_size)
+    if dataset is None:
+        raise UserError("data.valid is null in this checkpoint's recipe: pass --data PREFIX")
+    n_iters, bs = iters or t.eval_iters, batch_size or t.micro_batch_size
+    losses = []
+    for batch in sequential_batches(dataset, bs, n_iters):
+        batch = batch.to(loaded.device.torch_device)
+        with loaded.device.autocast(loaded.recipe.autocast_dtype):
+            logits = loaded.model(batch[:, :-1])
+        losses.append(cross_entropy_loss(logits, batch[:, 1:]))
+    loss = torch.stack(losses).mean().item()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_iters * bs * t.seq_len, "precision": loaded.recipe.name}
+
+
+def evaluate(path: Path, data: str | None = None, iters: int | None = None, bf16: bool = True) -> dict:
+    """Validation loss/perplexity in the training precision and (bf16=True) in BF16; written to
+    RUN_DIR/eval/step_N.json next to the checkpoint's run."""
+    trained = load_model(path)
+    result = {"checkpoint": str(trained.checkpoint), "step": trained.step,
+              "data": data or trained.cfg.data.valid, "trained_precision": validation_loss(trained, data, iters)}
+    if bf16 and trained.cfg.precision.recipe != "bf16":
+        result["bf16"] = validation_loss(load_model(path, precision="bf16"), data, iters)
+        result["bf16_minus_trained"] = result["bf16"]["loss"] - result["trained_precision"]["loss"]
+    out_dir = trained.checkpoint.parent.parent / "eval"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"step_{trained.step}.json"
+    out.write_text(json.dumps({**result, "config": config_to_dict(trained.cfg)}, indent=1), encoding="utf-8")
+    result["written"] = str(out)
+    return result
+
+
+@torch.no_grad()
+def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0, top_k: int = 0,
+             seed: int = 0) -> str:
+    """Continue `prompt`: greedy with temperature 0, else sampling from softmax(logits / temperature),
+    optionally among the top_k tokens. Recomputes the whole window each step (no KV cache): for a
+    quick look at small models, not for serving."""
+    if temperature < 0 or top_k < 0 or max_new_tokens < 0:
+        raise UserError("generate: temperature, top_k and max_new_tokens must be >= 0")
+    tok = Tokenizer.load(loaded.cfg.data.tokenizer)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("generate: the prompt is empty after tokenization")
+    gen = torch.Generator().manual_seed(seed)
+    window = loaded.cfg.model.max_seq_len
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([out[-window:]], device=loaded.device.torch_device)
+        with loaded.device.autocast(loaded.recipe.autocast_dtype):
+            logits = loaded.model(x)[0, -1].float().cpu()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        out.append(nxt)
+        if nxt == tok.eos_id:
+            break
+    # Decode the whole sequence and cut the prompt off, so the join keeps its whitespace.
+    return tok.decode(out)[len(tok.decode(ids)):]
