@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         # torchao: an independent reference for the MX/NVFP4 tests; triton: its interpreter runs our kernels on CPU
-        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb", "torchao", "triton", "datasets", "deepspeed>=0.19,<0.20"],
+        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb", "torchao", "triton", "datasets", "deepspeed>=0.19,<0.20", "transformers", "safetensors"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "te": ["transformer-engine[pytorch]"],
         "hpu": [],  # Gaudi's PyTorch bridge ships with Intel's Gaudi software stack, not PyPI

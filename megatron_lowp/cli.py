@@ -159,6 +159,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.export import export_hf
+
+    out = export_hf(Path(args.checkpoint), Path(args.out))
+    print(f"wrote a Hugging Face Llama checkpoint to {out} (transformers.LlamaForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pathlib import Path
 
@@ -201,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face Llama (safetensors, config, tokenizer)")
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("compare", help="compare runs against a baseline run: report.md, summary.json, loss.png")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--baseline", required=True, help="the baseline run directory (e.g. the BF16 run)")
