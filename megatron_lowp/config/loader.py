@@ -119,15 +119,20 @@ def _apply_preset(values: dict[str, Any], sources: dict[str, str]) -> None:
     for key in [k for k, src in sources.items() if k.startswith("model.") and Path(src).parent == PRESET_DIR]:
         if key != "model.preset":
             del values[key], sources[key]
+    _fill_defaults(values, sources, path)
+
+
+# Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
+EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
+
+
+def _fill_defaults(values: dict[str, Any], sources: dict[str, str], path: Path) -> None:
+    """Keys of the YAML file `path` go in under the ones already set (and under any alternative to them)."""
     for key, value in _flatten(read_yaml(path)).items():
         group = next((g for g in EXCLUSIVE_KEYS if key in g), (key,))
         if not any(k in values for k in group):
             values[key] = value
             sources[key] = str(path)
-
-
-# Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
-EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
 
 
 def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -139,15 +144,7 @@ def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> N
     path = RECIPE_DEFAULTS_DIR / f"{name}.yaml"
     if not isinstance(name, str) or not path.is_file():
         return
-    for key, value in _flatten(read_yaml(path)).items():
-        group = next((g for g in EXCLUSIVE_KEYS if key in g), (key,))
-        if not any(k in values for k in group):
-            values[key] = value
-            sources[key] = str(path)
-
-
-# Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
-EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
+    _fill_defaults(values, sources, path)
 
 
 def _unflatten(values: dict[str, Any]) -> dict:
