@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -33,6 +32,9 @@ from megatron_lowp.parallel.deepspeed_engine import (
     import_deepspeed,
 )
 from megatron_lowp.train.metrics import read_metrics
+from tests.test_distributed import _free_port, curve
+from tests.test_distributed import assert_close_curves as assert_close
+from tests.test_distributed import assert_trains as assert_trains_by
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
@@ -160,12 +162,6 @@ def deepspeed():
     return pytest.importorskip("deepspeed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, name: str, nproc: int, *overrides: str, expect_rc: int = 0, timeout: int = 420,
            driver: Path | None = None):
     """`megatron-lowp train` (or `driver` RECIPE OVERRIDES...) under torchrun (nproc > 1) or as one process."""
@@ -186,19 +182,9 @@ def launch(out: Path, name: str, nproc: int, *overrides: str, expect_rc: int = 0
     return out / name, proc.stdout + proc.stderr
 
 
-def curve(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
-
-
-def assert_close(a: dict, b: dict, tol: float) -> None:
-    assert a.keys() == b.keys() and a
-    worst = max(abs(a[s] - b[s]) for s in a)
-    assert worst <= tol, (worst, a, b)
-
-
 def assert_trains(run_dir: Path) -> None:
-    losses = list(curve(run_dir).values())
-    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.3, losses
+    assert len(curve(run_dir)) == 6
+    assert_trains_by(run_dir, drop=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
+def rotary_heads(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused qkv projection (batch, seq, (n_heads + 2 n_kv_heads) head_dim) -> q, k, v as
+    (batch, heads, seq, head_dim), RoPE applied to q and k."""
+    batch, seq, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q = q.view(batch, seq, n_heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
         super().__init__()
@@ -69,13 +81,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = rotary_heads(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
-from megatron_lowp.model.llama import apply_rope, ffn_hidden_size, rope_tables
+from megatron_lowp.model.llama import ffn_hidden_size, rope_tables, rotary_heads
 from megatron_lowp.precision.recipe import LinearFactory
 
 EPS = 1e-6  # Megatron's justnorm; the original nGPT divides by ||x|| with no eps
@@ -83,13 +83,7 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = h.shape
-        q, k, v = self.qkv(h).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = rotary_heads(self.qkv(h), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
         # logits = sqrt(d_head) * sum_i s_i^2 N(q)_i N(k)_i: cosine similarity times sqrt(d_head) at
         # init (s = 1). The original nGPT multiplies both N(q) and N(k) by s; Megatron folds s^2 into
         # q only, which is the same function and also works when a key head serves several query
