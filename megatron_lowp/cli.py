@@ -137,6 +137,14 @@ def cmd_eval(args) -> int:
 
     from megatron_lowp.eval.evaluate import evaluate
 
+    task_options = {"--num-fewshot": args.num_fewshot, "--limit": args.limit, "--batch-size": args.batch_size,
+                    "--include-path": args.include_path, "--bootstrap-iters": args.bootstrap_iters}
+    loss_options = {"--data": args.data, "--iters": args.iters}
+    for flag, value in (loss_options if args.tasks else task_options).items():
+        if value is not None:
+            raise UserError(f"{flag} only applies {'without' if args.tasks else 'with'} --tasks")
+    if args.tasks:
+        return _eval_tasks(args)
     r = evaluate(Path(args.checkpoint), data=args.data, iters=args.iters, bf16=not args.no_bf16)
     t = r["trained_precision"]
     print(f"step {r['step']}: {t['precision']} loss {t['loss']:.4f}, perplexity {t['perplexity']:.2f} "
@@ -144,6 +152,23 @@ def cmd_eval(args) -> int:
     if "bf16" in r:
         print(f"         bf16 loss {r['bf16']['loss']:.4f}, perplexity {r['bf16']['perplexity']:.2f} "
               f"(bf16 - {t['precision']}: {r['bf16_minus_trained']:+.4f})")
+    print(f"wrote {r['written']}")
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.harness import run_tasks, tasks_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks: give a comma-separated list of lm_eval tasks, e.g. --tasks hellaswag,arc_easy")
+    r = run_tasks(Path(args.checkpoint), tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                  batch_size=args.batch_size or 1, include_path=args.include_path, bf16=not args.no_bf16,
+                  bootstrap_iters=1000 if args.bootstrap_iters is None else args.bootstrap_iters)
+    print(f"step {r['step']} ({r['checkpoint']}), lm_eval {r['lm_eval_version']}:")
+    print(tasks_table(r))
     print(f"wrote {r['written']}")
     return 0
 
@@ -202,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="an indexed-dataset prefix to evaluate on (default: the recipe's data.valid)")
     p.add_argument("--iters", type=int, help="batches (default: the recipe's train.eval_iters)")
     p.add_argument("--no-bf16", action="store_true", help="skip the BF16 evaluation of the same weights")
+    p.add_argument("--tasks", help="instead of the loss, run these lm-evaluation-harness tasks (comma-separated, "
+                   "e.g. hellaswag,arc_easy,arc_challenge,piqa,winogrande); needs the [eval] extra")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="--tasks: at most this many documents per task "
+                   "(a fraction if < 1); for quick checks, not for reported numbers")
+    p.add_argument("--batch-size", type=int, default=None, help="--tasks: sequences per forward (default 1, which keeps every "
+                   "score independent of its batch-mates under per-tensor low-precision scales)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="--tasks: a folder of your own task YAMLs (repeatable)")
+    p.add_argument("--bootstrap-iters", type=int, default=None,
+                   help="--tasks: bootstrap resamples for stderrs (default 1000; 0: none)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (greedy or sampled)")
     p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")

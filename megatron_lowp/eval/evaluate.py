@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.precision import PrecisionRecipe, available_recipes, build_recipe
-from megatron_lowp.train.checkpoint import CheckpointManager, verify
+from megatron_lowp.train.checkpoint import CheckpointManager, verify, write_text_atomic
 from megatron_lowp.train.safe_dcp import SafeFileSystemReader
 
 
@@ -118,28 +119,27 @@ def evaluate(path: Path, data: str | None = None, iters: int | None = None, bf16
     out_dir = trained.checkpoint.parent.parent / "eval"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"step_{trained.step}.json"
-    out.write_text(json.dumps({**result, "config": config_to_dict(trained.cfg)}, indent=1), encoding="utf-8")
+    write_text_atomic(out, json.dumps({**result, "config": config_to_dict(trained.cfg)}, indent=1))
     result["written"] = str(out)
     return result
 
 
 @torch.no_grad()
-def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0, top_k: int = 0,
-             seed: int = 0) -> str:
-    """Continue `prompt`: greedy with temperature 0, else sampling from softmax(logits / temperature),
-    optionally among the top_k tokens. Recomputes the whole window each step (no KV cache): for a
-    quick look at small models, not for serving."""
+def continue_tokens(loaded: Loaded, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int = 0, generator: torch.Generator | None = None,
+                    stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """The token ids that follow `ids`: greedy with temperature 0, else sampled from
+    softmax(logits / temperature), optionally among the top_k tokens. Ends at EOS (which is kept),
+    after max_new_tokens, or when stop(new_ids) is true. The context is cut from the left to the
+    model's window. Recomputes the whole window each step (no KV cache): for a quick look and for
+    small-model evaluation, not for serving."""
     if temperature < 0 or top_k < 0 or max_new_tokens < 0:
         raise UserError("generate: temperature, top_k and max_new_tokens must be >= 0")
-    tok = Tokenizer.load(loaded.cfg.data.tokenizer)
-    ids = tok.encode(prompt)
-    if not ids:
-        raise UserError("generate: the prompt is empty after tokenization")
-    gen = torch.Generator().manual_seed(seed)
+    eos = Tokenizer.load(loaded.cfg.data.tokenizer).eos_id
     window = loaded.cfg.model.max_seq_len
-    out = list(ids)
+    seq, new = list(ids), []
     for _ in range(max_new_tokens):
-        x = torch.tensor([out[-window:]], device=loaded.device.torch_device)
+        x = torch.tensor([seq[-window:]], device=loaded.device.torch_device)
         with loaded.device.autocast(loaded.recipe.autocast_dtype):
             logits = loaded.model(x)[0, -1].float().cpu()
         if temperature == 0:
@@ -149,9 +149,28 @@ def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 50, temperature:
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        out.append(nxt)
-        if nxt == tok.eos_id:
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        seq.append(nxt)
+        new.append(nxt)
+        if nxt == eos or (stop is not None and stop(new)):
             break
-    # Decode the whole sequence and cut the prompt off, so the join keeps its whitespace.
-    return tok.decode(out)[len(tok.decode(ids)):]
+    return new
+
+
+def decode_continuation(tok: Tokenizer, ids: list[int], new: list[int]) -> str:
+    """The text of `new` as it continues `ids`. Decoding the whole sequence and cutting the prompt
+    off keeps the joining whitespace that sentencepiece drops at the start of a decode."""
+    return tok.decode(list(ids) + list(new))[len(tok.decode(ids)):]
+
+
+def generate(loaded: Loaded, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0, top_k: int = 0,
+             seed: int = 0) -> str:
+    """Continue `prompt` as the start of a document, i.e. after EOS, the separator the model saw before
+    every document in training (see continue_tokens for the decoding rules)."""
+    tok = Tokenizer.load(loaded.cfg.data.tokenizer)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("generate: the prompt is empty after tokenization")
+    ids = [tok.eos_id] + ids
+    gen = torch.Generator().manual_seed(seed)
+    return decode_continuation(tok, ids, continue_tokens(loaded, ids, max_new_tokens, temperature, top_k, gen))
