@@ -236,7 +236,7 @@ def test_delayed_scaling_uses_past_steps_and_eval_does_not_move_it():
 def test_delayed_scaling_takes_the_max_over_micro_batches_and_ranks():
     layer = QuantizedLinear(16, 16, GemmSpecs(x=DELAYED, dy=QuantSpec("fp8_e5m2", amax_history=1)), name="d")
     for value in (1.0, 3.0, 2.0):  # three micro-batches of one optimizer step
-        layer(torch.full((16, 16), value)).sum().backward()
+        layer(torch.full((16, 16), value, requires_grad=True)).sum().backward()  # x needs dgrad, so dy is quantized
     seen = []
     layer.commit_amax(reduce_max=lambda a: seen.append(a.item()) or a * 2)  # a pretend second rank with 2x
     assert sorted(seen)[-1] == 3.0 and len(seen) == 2  # x and dy each reduced once
@@ -280,3 +280,20 @@ def test_fp8_recipe_builds_the_papers_layers(repo):
     assert qkv.specs.dy == QuantSpec("fp8_e5m2", "stochastic", (("power_of_two", True), ("scaling", "tensor")), 1)
     assert isinstance(model.layers[3].mlp.act, SmoothGatedSiLU)
     assert type(model.lm_head) is Linear  # the LM head stays high precision
+
+
+def test_inference_quantizes_no_backward_operands():
+    """Under no_grad the wgrad operands are not quantized: any token count works (NVFP4 wgrad blocks
+    run along the tokens), no SR noise is drawn, and the output equals the training forward's."""
+    specs = GemmSpecs(x=NV, w=NV, dy=NV_SR, w_t=NV, dy_t=NV_SR, x_t=NV_SR)
+    layer = QuantizedLinear(32, 16, specs, name="inf")
+    x = torch.randn(3, 7, 32)  # 21 tokens: not a multiple of 16
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.sr.offset == 0
+    with pytest.raises(UserError, match="block size 16 does not divide"):
+        layer(x.requires_grad_())  # training needs the wgrad blocks, and says why
+    x16 = torch.randn(32, 32)
+    with torch.no_grad():
+        y16 = layer(x16)
+    assert torch.equal(y16, layer(x16)) and y.shape == (3, 7, 16)

@@ -112,7 +112,8 @@ def _scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
 
 class QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, q: RoleQuantizer, backend: str = "emulated") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, q: RoleQuantizer, backend: str = "emulated",
+                grad_enabled: bool = True) -> torch.Tensor:
         dtype, specs = _compute_dtype(x), q.specs
         x2 = x.reshape(-1, x.shape[-1])
         (tokens, k), n = x2.shape, weight.shape[0]
@@ -123,31 +124,44 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 y = _scaled_mm(xq.data, xq.scale, wq.data, wq.scale, dtype)
             else:
                 y = q.fake("x", x2, dtype) @ q.fake("w", weight, dtype).t()
-            ctx.saved_x = q.packed("x_t", x2.detach())
-            ctx.saved_w = q.packed("w_t", weight.detach())
+            # Quantize the backward operands only for the gradients that will be taken: inference
+            # (no grad) then costs one quantization per operand, draws no SR noise, and takes any
+            # token count (wgrad blocks run along the tokens).
+            needs_dx, needs_dw = (grad_enabled and n for n in ctx.needs_input_grad[:2])
+            ctx.saved_x = q.packed("x_t", x2.detach()) if needs_dw else None
+            ctx.saved_w = q.packed("w_t", weight.detach()) if needs_dx else None
         ctx.q, ctx.dtype = q, dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        q, dtype = ctx.q, ctx.dtype
-        specs, q.observing = q.specs, True  # backward runs only in training
+        q = ctx.q
+        q.observing = True  # backward runs only in training
         dy2 = dy.reshape(-1, dy.shape[-1])
-        (tokens, n), k = dy2.shape, ctx.x_shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
-            if ctx.native and _native_pair(specs.dy, specs.w_t, tokens, n, k):
-                dyq, wq = q.packed("dy", dy2), ctx.saved_w  # per-tensor: transposing bytes is exact
-                dx = _scaled_mm(dyq.data, dyq.scale, wq.data.t().contiguous(), wq.scale, dtype)
-            else:
-                dx = q.fake("dy", dy2, dtype) @ _restore(ctx.saved_w, dtype)
-            if ctx.native and _native_pair(specs.dy_t, specs.x_t, tokens, n, k):
-                dyq, xq = q.packed("dy_t", dy2), ctx.saved_x
-                dw = _scaled_mm(dyq.data.t().contiguous(), dyq.scale, xq.data.t().contiguous(), xq.scale, dtype)
-            else:
-                dw = q.fake("dy_t", dy2, dtype).t() @ _restore(ctx.saved_x, dtype)
+            dx = None if ctx.saved_w is None else _dgrad(ctx, q, dy2).reshape(ctx.x_shape).to(ctx.x_dtype)
+            dw = None if ctx.saved_x is None else _wgrad(ctx, q, dy2).to(ctx.w_dtype)
         ctx.saved_x = ctx.saved_w = None
-        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+        return dx, dw, None, None, None
+
+
+def _dgrad(ctx, q: RoleQuantizer, dy2: torch.Tensor) -> torch.Tensor:
+    """dx = dy W, from the W saved (quantized as w_t) in forward."""
+    (tokens, n), k = dy2.shape, ctx.x_shape[-1]
+    if ctx.native and _native_pair(q.specs.dy, q.specs.w_t, tokens, n, k):
+        dyq, wq = q.packed("dy", dy2), ctx.saved_w  # per-tensor: transposing bytes is exact
+        return _scaled_mm(dyq.data, dyq.scale, wq.data.t().contiguous(), wq.scale, ctx.dtype)
+    return q.fake("dy", dy2, ctx.dtype) @ _restore(ctx.saved_w, ctx.dtype)
+
+
+def _wgrad(ctx, q: RoleQuantizer, dy2: torch.Tensor) -> torch.Tensor:
+    """dW = dy^T x, from the x saved (quantized as x_t) in forward."""
+    (tokens, n), k = dy2.shape, ctx.x_shape[-1]
+    if ctx.native and _native_pair(q.specs.dy_t, q.specs.x_t, tokens, n, k):
+        dyq, xq = q.packed("dy_t", dy2), ctx.saved_x
+        return _scaled_mm(dyq.data.t().contiguous(), dyq.scale, xq.data.t().contiguous(), xq.scale, ctx.dtype)
+    return q.fake("dy_t", dy2, ctx.dtype).t() @ _restore(ctx.saved_x, ctx.dtype)
 
 
 def layer_seed(name: str, base_seed: int = 0) -> int:
@@ -197,7 +211,7 @@ class QuantizedLinear(nn.Module):
         observing = self.training and torch.is_grad_enabled()
         q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats)
         weight = self.weight if col_scale is None else self.weight * col_scale
-        return QuantizedLinearFunction.apply(x, weight, q, self.backend)
+        return QuantizedLinearFunction.apply(x, weight, q, self.backend, torch.is_grad_enabled())
 
     def commit_amax(self, reduce_max: ReduceMax | None = None) -> None:
         """End of an optimizer step: this step's amaxes enter the delayed-scaling histories."""
