@@ -84,19 +84,18 @@ def test_is_greedy_is_true_for_the_models_own_greedy_continuation(lm):
     ids = [tok.eos_id] + tok.encode("The hacker")
     _, argmax = direct_logprobs(lm, ids + [0])
     best = int(argmax[-1])
-    context, continuation = ids, [best]
-    assert lm.score([(context, continuation)]) [0][1] is True
-    assert lm.score([(context, [(best + 1) % tok.vocab_size])])[0][1] is False
+    assert lm.score([(ids, [best])])[0][1] is True
+    assert lm.score([(ids, [(best + 1) % tok.vocab_size])])[0][1] is False
 
 
 def test_batched_scores_equal_one_at_a_time_in_bf16(fp8_run):
-    """Right padding is invisible to causal attention, so batching changes nothing in BF16."""
+    """Right padding is invisible to causal attention, so batching changes nothing in BF16 (on the CPU
+    the scores are bit-identical)."""
     one = HarnessLM(loaded=load_model(fp8_run.run_dir, precision="bf16"), batch_size=1)
     many = HarnessLM(loaded=one.loaded, batch_size=3)
     requests = [req("loglikelihood", q, " " + c) for q, choices, _ in QUESTIONS for c in choices]
     a, b = one.loglikelihood(requests), many.loglikelihood(requests)
-    assert [g for _, g in a] == [g for _, g in b]
-    assert max(abs(x - y) for (x, _), (y, _) in zip(a, b, strict=True)) < 2e-2
+    assert a == b
 
 
 def test_rolling_loglikelihood_predicts_every_token_exactly_once(lm, monkeypatch):

@@ -124,15 +124,20 @@ def test_torchrun_counts_gpus_with_nvidia_smi(stubs, recipe):
     assert flag(argv_of(run("torchrun.sh", recipe, stubs=stubs, NPROC_PER_NODE="2")), "--nproc-per-node") == "2"
 
 
-def test_torchrun_multi_node(stubs, recipe):
-    argv = argv_of(run("torchrun.sh", recipe, *TRICKY, stubs=stubs, NNODES="2", NODE_RANK="1",
-                       MASTER_ADDR="10.0.0.7", MASTER_PORT="29999", RDZV_ID="job 42", NPROC_PER_NODE="8"))
+def assert_second_of_two_nodes(argv: list[str], endpoint: str, rdzv_id: str) -> None:
+    """torchrun's flags for node 1 of 2, 8 processes each, meeting at `endpoint` through c10d."""
     assert flag(argv, "--nnodes") == "2"
     assert flag(argv, "--node-rank") == "1"
     assert flag(argv, "--rdzv-backend") == "c10d"
-    assert flag(argv, "--rdzv-endpoint") == "10.0.0.7:29999"
-    assert flag(argv, "--rdzv-id") == "job 42"
+    assert flag(argv, "--rdzv-endpoint") == endpoint
+    assert flag(argv, "--rdzv-id") == rdzv_id
     assert flag(argv, "--nproc-per-node") == "8"
+
+
+def test_torchrun_multi_node(stubs, recipe):
+    argv = argv_of(run("torchrun.sh", recipe, *TRICKY, stubs=stubs, NNODES="2", NODE_RANK="1",
+                       MASTER_ADDR="10.0.0.7", MASTER_PORT="29999", RDZV_ID="job 42", NPROC_PER_NODE="8"))
+    assert_second_of_two_nodes(argv, endpoint="10.0.0.7:29999", rdzv_id="job 42")
     assert "--standalone" not in argv
     assert trainer_args(argv) == ["train", recipe, *TRICKY]
 
@@ -295,12 +300,7 @@ def test_slurm_each_node_runs_torchrun(slurm_stubs, recipe):
     result = subprocess.run(srun_argv, env=env, capture_output=True, text=True, timeout=60)
     argv = argv_of(result)
     assert argv[:3] == ["python", "-m", "torch.distributed.run"]
-    assert flag(argv, "--nnodes") == "2"
-    assert flag(argv, "--node-rank") == "1"
-    assert flag(argv, "--rdzv-backend") == "c10d"
-    assert flag(argv, "--rdzv-endpoint") == "gpu-07:29500"
-    assert flag(argv, "--rdzv-id") == "4242"
-    assert flag(argv, "--nproc-per-node") == "8"
+    assert_second_of_two_nodes(argv, endpoint="gpu-07:29500", rdzv_id="4242")
     assert trainer_args(argv) == ["train", recipe, *TRICKY]
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
+from megatron_lowp.model import llama
 from megatron_lowp.model.llama import ffn_hidden_size, rope_tables, rotary_heads
 from megatron_lowp.precision.recipe import LinearFactory
 
@@ -67,17 +68,13 @@ def scalar(dim: int, value: float) -> nn.Parameter:
     return nn.Parameter(torch.full((dim,), value))
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
+    """Llama's projections and heads; normalized q/k with the learned s_qk, and no RMSNorm around it."""
+
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        super().__init__(cfg, make_linear, prefix)
         self.base_scale = cfg.init_std
         self.normalize_out_input = cfg.ngpt_normalize_down_inputs
-        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = make_linear(cfg.d_model, qkv_out, f"{prefix}.qkv")
-        self.out = make_linear(self.n_heads * self.head_dim, cfg.d_model, f"{prefix}.out")
         # s_qk per (query head, head dim), flattened; effective value sqk / base_scale, init 1.
         self.sqk = scalar(self.n_heads * self.head_dim, cfg.init_std)
 
