@@ -165,7 +165,7 @@ def _eval_tasks(args) -> int:
     if not tasks:
         raise UserError("--tasks: give a comma-separated list of lm_eval tasks, e.g. --tasks hellaswag,arc_easy")
     r = run_tasks(Path(args.checkpoint), tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                  batch_size=args.batch_size or 1, include_path=args.include_path, bf16=not args.no_bf16,
+                  batch_size=1 if args.batch_size is None else args.batch_size, include_path=args.include_path, bf16=not args.no_bf16,
                   bootstrap_iters=1000 if args.bootstrap_iters is None else args.bootstrap_iters)
     print(f"step {r['step']} ({r['checkpoint']}), lm_eval {r['lm_eval_version']}:")
     print(tasks_table(r))

@@ -201,6 +201,10 @@ def test_unknown_task_and_misplaced_options_are_clear_errors(fp8_run, capsys):
     assert "unknown lm_eval task(s) ['no_such_task_xyz']" in capsys.readouterr().err
     assert cli.main(["eval", str(fp8_run.run_dir), "--num-fewshot", "5"]) == 2
     assert "--num-fewshot only applies with --tasks" in capsys.readouterr().err
+    assert cli.main(["eval", str(fp8_run.run_dir), "--tasks", "x", "--include-path", str(fp8_run.run_dir / "no")]) == 2
+    assert "--include-path: not a folder" in capsys.readouterr().err
+    assert cli.main(["eval", str(fp8_run.run_dir), "--tasks", "lowp_mc", "--batch-size", "0"]) == 2
+    assert "batch_size: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch):

@@ -58,12 +58,7 @@ class HarnessLM(LM):
             raise UserError("HarnessLM: give exactly one of pretrained=RUN_DIR_OR_CHECKPOINT or loaded=")
         self.loaded = loaded or load_model(Path(pretrained), precision=precision,
                                            device_type=(device or "auto").split(":")[0])
-        try:
-            self.batch_size = int(batch_size)
-        except ValueError:
-            raise UserError(f"batch_size: expected a positive integer, got {batch_size!r} ('auto' is not supported)") from None
-        if self.batch_size < 1:
-            raise UserError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.batch_size = positive_batch_size(batch_size)
         self.tok = Tokenizer.load(self.loaded.cfg.data.tokenizer)
         self.max_length = self.loaded.cfg.model.max_seq_len
         self._device = self.loaded.device.torch_device
@@ -159,6 +154,16 @@ class HarnessLM(LM):
         return out
 
 
+def positive_batch_size(value: int | str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError(f"batch_size: expected a positive integer, got {value!r} ('auto' is not supported)") from None
+    if size < 1:
+        raise UserError(f"batch_size: expected a positive integer, got {value!r}")
+    return size
+
+
 @dataclass
 class GenerationArgs:
     """A task's generation_kwargs. Greedy unless do_sample is true (the harness's HF convention);
@@ -198,6 +203,10 @@ def run_tasks(path: Path, tasks: list[str], num_fewshot: int | None = None, limi
     written to RUN/eval/step_N_tasks.json."""
     from lm_eval.tasks import TaskManager
 
+    positive_batch_size(batch_size)  # before the slow part: loading the model and indexing the tasks
+    missing = [d for d in include_path or [] if not Path(d).is_dir()]
+    if missing:
+        raise UserError(f"--include-path: not a folder: {', '.join(missing)}")
     trained = load_model(path)
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
