@@ -11,11 +11,12 @@ User mistakes (UserError) print one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
-from megatron_lowp.errors import UserError
+from megatron_lowp.errors import Preempted, UserError
 
 
 def _load(args):
@@ -27,14 +28,14 @@ def _load(args):
 
 def cmd_train(args) -> int:
     from megatron_lowp.eval import plot_loss
+    from megatron_lowp.run.logs import read_jsonl
     from megatron_lowp.train import train
-    from megatron_lowp.train.metrics import read_metrics
 
     cfg = _load(args)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
-    plot = plot_loss({cfg.run.name: read_metrics(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
+    plot = plot_loss({cfg.run.name: read_jsonl(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
                      title=f"{cfg.run.name} ({cfg.precision.recipe})")
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(
@@ -266,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A command line may hold bytes that are not UTF-8 (they arrive as surrogates): echo them back
+    # escaped in messages instead of failing to print the message itself.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -273,9 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"megatron-lowp: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron-lowp: {e}", file=sys.stderr)
+        return Preempted.exit_status
     except KeyboardInterrupt:
         print("megatron-lowp: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"megatron-lowp: error: no space left on device writing {e.filename or 'a file'}; free some space "
+              "and run the same command again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

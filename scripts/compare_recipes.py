@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron_lowp.eval.plots import plot_loss
 from megatron_lowp.eval.summary import run_summary
-from megatron_lowp.train.metrics import read_metrics
+from megatron_lowp.run.logs import read_jsonl
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -62,7 +62,7 @@ def main() -> None:
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(rows, indent=1))
-    curves = {r["run"]: read_metrics(p / "metrics.jsonl") for r, p in zip(rows, [args.baseline, *args.runs], strict=True)}
+    curves = {r["run"]: read_jsonl(p / "metrics.jsonl") for r, p in zip(rows, [args.baseline, *args.runs], strict=True)}
     plot_loss(curves, Path(f"{args.out}.png"), title=f"against {rows[0]['run']}")
     print(f"wrote {args.out}.json and {args.out}.png")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.train.checkpoint import CheckpointManager, verify
+from megatron_lowp.run.checkpoint import CheckpointManager, verify
 
 
 def state(value: float) -> dict:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from megatron_lowp.config import Config, load_config
 from megatron_lowp.errors import UserError
 from megatron_lowp.precision import available_recipes
+from tests.conftest import examples
 
 
 def dotted_keys(cls, prefix=""):
@@ -37,7 +38,7 @@ def load_or_user_error(loader):
     return cfg
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), SCALARS), max_size=4))
 def test_random_overrides(pairs):
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in pairs]
@@ -49,7 +50,7 @@ NESTED = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=10)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.dictionaries(st.sampled_from(["run", "train", "model", "optim", "extends", "junk"]), NESTED, max_size=4),
                  NESTED))
 def test_random_recipe_files(tmp_path, document):
@@ -58,7 +59,7 @@ def test_random_recipe_files(tmp_path, document):
     load_or_user_error(lambda: load_config(path))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=200))
 def test_random_bytes(tmp_path, data):
     path = tmp_path / "bytes.yaml"

@@ -30,7 +30,7 @@ from megatron_lowp.parallel.deepspeed_engine import (
     flat_range_boxes,
     import_deepspeed,
 )
-from megatron_lowp.train.metrics import read_metrics
+from megatron_lowp.run.logs import read_jsonl
 from tests.test_distributed import _free_port, assert_ngpt_weights_on_sphere, curve
 from tests.test_distributed import assert_close_curves as assert_close
 from tests.test_distributed import assert_trains as assert_trains_by
@@ -303,5 +303,5 @@ def test_a_nonfinite_step_is_handled_like_ddp(tmp_path, deepspeed, policy, stage
     after = {s: v for s, v in curve(run).items() if math.isfinite(v)}
     assert_close(after, {s: v for s, v in curve(reference).items() if math.isfinite(v)}, 5e-4)  # measured 2e-5
     assert len(after) >= 5 and list(after.values())[-1] < list(after.values())[0] - 0.3
-    [event] = read_metrics(run / "events.jsonl")
+    [event] = read_jsonl(run / "events.jsonl")
     assert event["step"] == 3 and event["event"] == "nonfinite" and event["action"] == policy

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lowp.train.metrics import read_metrics
+from megatron_lowp.run.logs import read_jsonl
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
         "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=6",
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def curve(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+    return {r["step"]: r[key] for r in read_jsonl(run_dir / "metrics.jsonl") if key in r}
 
 
 def assert_close_curves(a: dict, b: dict, tol: float) -> None:
@@ -106,7 +106,7 @@ def test_paper_recipes_train_on_two_ranks(repo, tmp_path, single, engine, recipe
     one = launch(repo, tmp_path, f"one-{recipe}", 1, f"precision.recipe={recipe}", FAST_LR)
     # SR draws differ per rank, so two ranks are a different sample of the same noise: close, not equal
     assert_close_curves(curve(run), curve(one), 0.05)
-    quant = [r for r in read_metrics(run / "numerics.jsonl") if r["kind"] == "quant"]
+    quant = [r for r in read_jsonl(run / "numerics.jsonl") if r["kind"] == "quant"]
     assert quant and {r["step"] for r in quant} == {3, 6}
 
 
@@ -139,7 +139,7 @@ def test_a_rank_that_dies_ends_the_job_with_a_message_naming_it(repo, tmp_path):
                   wait=False)
     metrics = tmp_path / "dies/metrics.jsonl"
     deadline = time.time() + 240
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 2):
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.5)
     victim = _worker_pid(proc.pid, rank=1)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
+from megatron_lowp.run.logs import read_jsonl
 from megatron_lowp.train.loop import Trainer
-from megatron_lowp.train.metrics import read_metrics
 from tests.test_train import small_cfg
 
 
@@ -27,7 +27,7 @@ def poison(monkeypatch, bad):
 
 
 def events(run_dir):
-    return read_metrics(run_dir / "events.jsonl")
+    return read_jsonl(run_dir / "events.jsonl")
 
 
 def test_skip_policy_skips_the_update_and_counts_it(repo, tmp_path, monkeypatch):
@@ -38,7 +38,7 @@ def test_skip_policy_skips_the_update_and_counts_it(repo, tmp_path, monkeypatch)
     [event] = events(result.run_dir)
     assert event["step"] == 3 and event["event"] == "nonfinite" and event["action"] == "skip"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    steps = [r["step"] for r in read_metrics(result.run_dir / "metrics.jsonl")]
+    steps = [r["step"] for r in read_jsonl(result.run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 9))
     meta = json.loads((result.run_dir / "checkpoints/step_8/meta.json").read_text())
     assert meta["skipped_steps"] == 1
@@ -53,7 +53,7 @@ def test_rollback_reloads_the_last_checkpoint_and_skips_the_bad_data(repo, tmp_p
     [event] = events(result.run_dir)
     assert event["action"] == "rollback" and event["step"] == 6 and event["skipped_samples_at"] == bad_position
     assert event["rolled_back_to"].endswith("step_4")
-    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    rows = read_jsonl(result.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))  # steps 5-6 redone, not duplicated
     assert all(math.isfinite(r["loss"]) for r in rows)
     meta = json.loads((result.run_dir / "checkpoints/step_8/meta.json").read_text())
@@ -86,3 +86,28 @@ def test_a_loss_spike_is_an_event(repo, tmp_path, monkeypatch):
                                "train.checkpoint_every=0")).fit()
     spikes = [e for e in events(result.run_dir) if e["event"] == "loss_spike"]
     assert [e["step"] for e in spikes] == [24] and spikes[0]["loss"] > 2 * spikes[0]["running_mean"]
+
+
+def test_rollbacks_remember_every_bad_batch_and_every_event(repo, tmp_path, monkeypatch):
+    """Two bad global batches after the same checkpoint (steps 7 and 11 of 12, checkpoints every 6): the
+    second rollback reloads step 6, whose skip list predates both; the first bad batch must stay
+    skipped, or the run would loop between them."""
+    bad_positions, hits = {6 * 8, 10 * 8}, []
+
+    def bad(trainer):
+        if trainer.consumed_samples in bad_positions:
+            hits.append(trainer.consumed_samples)  # once per micro-batch: 2 per step
+            assert hits.count(trainer.consumed_samples) <= 2, f"a bad batch was trained on again: {hits}"
+            return True
+        return False
+
+    poison(monkeypatch, bad)
+    result = Trainer(small_cfg(repo, tmp_path, "train.nan_policy=rollback", "train.steps=12",
+                               "train.checkpoint_every=6")).fit()
+    assert result.step == 12 and hits == [48, 48, 80, 80]
+    rollbacks = [e for e in events(result.run_dir) if e["action"] == "rollback"]
+    assert [(e["step"], e["skipped_samples_at"]) for e in rollbacks] == [(7, 48), (11, 80)]
+    meta = json.loads((result.run_dir / "checkpoints/step_12/meta.json").read_text())
+    assert meta["skip_batches"] == [48, 80]
+    rows = read_jsonl(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in rows)

@@ -15,9 +15,9 @@ from megatron_lowp.numerics import quantize
 from megatron_lowp.numerics.stats import quantization_stats
 from megatron_lowp.optim import qaf_lr_at
 from megatron_lowp.precision import QuantizedLinear, available_recipes, build_recipe
+from megatron_lowp.run.logs import read_jsonl
 from megatron_lowp.train import train
 from megatron_lowp.train.loop import Trainer
-from megatron_lowp.train.metrics import read_metrics
 from tests.test_train import losses, small_cfg
 
 FP4 = ["precision.recipe=fp4", "train.checkpoint_every=2", "precision.grad_noise.every=2",
@@ -56,14 +56,14 @@ def test_qaf_switch_is_logged_checkpointed_and_survives_resume(repo, tmp_path):
     resumed = resumed_trainer.fit()
     assert losses(resumed.run_dir) == losses(straight.run_dir)  # bit-identical across the switch and the resume
 
-    rows = read_metrics(straight.run_dir / "numerics.jsonl")
+    rows = read_jsonl(straight.run_dir / "numerics.jsonl")
     events = [r for r in rows if r["kind"] == "event"]
     assert events == [{"step": 3, "kind": "event", "event": "qaf_start", "reason": "precision.qaf.start_step = 3"}]
-    assert read_metrics(resumed.run_dir / "numerics.jsonl") == rows  # no duplicated or lost rows either
+    assert read_jsonl(resumed.run_dir / "numerics.jsonl") == rows  # no duplicated or lost rows either
     noise = [r for r in rows if r["kind"] == "grad_noise" and r["layer"] == "all"]
     assert [r["step"] for r in noise] == [2]  # measured every 2 steps until QAF, not after
     assert all(r["ratio"] > 0 and math.isfinite(r["ratio"]) for r in noise)
-    metrics = read_metrics(straight.run_dir / "metrics.jsonl")
+    metrics = read_jsonl(straight.run_dir / "metrics.jsonl")
     cfg = small_cfg(repo, tmp_path, *FP4)
     for r in metrics:
         assert r["qaf"] == (r["step"] >= 3)
@@ -80,7 +80,7 @@ def test_qaf_starts_automatically_when_the_noise_ratio_falls_below_the_threshold
     # A threshold no real ratio reaches: the first measurement (step 2) must trigger QAF at step 3.
     result = train(small_cfg(repo, tmp_path, "run.name=auto", "precision.recipe=fp4", "precision.qaf.auto=true",
                              "precision.grad_noise.every=2", "precision.grad_noise.threshold=1e6", "train.steps=4"))
-    events = [r for r in read_metrics(result.run_dir / "numerics.jsonl") if r["kind"] == "event"]
+    events = [r for r in read_jsonl(result.run_dir / "numerics.jsonl") if r["kind"] == "event"]
     assert [e["step"] for e in events] == [3] and "gradient-noise ratio" in events[0]["reason"]
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megatron_lowp import cli
 from megatron_lowp.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megatron_lowp.errors import UserError
+from tests.conftest import examples
 from tests.test_config_fuzz import KEYS, SCALARS
 
 WORDS = st.one_of(st.text(max_size=30), st.sampled_from(
@@ -49,8 +50,9 @@ def existing_run(tmp_path_factory, repo):
     return out, run
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(WORDS, max_size=6))
+@example(argv=["-", "\udcff"])  # found by a random search: argparse's error path could not print it
 def test_any_command_line_ends_in_a_status_not_a_traceback(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative recipe paths resolve to nothing here: no accidental training run
     try:
@@ -61,7 +63,7 @@ def test_any_command_line_ends_in_a_status_not_a_traceback(argv, capsys, tmp_pat
     capsys.readouterr()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(override(), max_size=4))
 def test_train_with_any_overrides_never_touches_an_existing_run(overrides, existing_run, repo, capsys):
     out, run = existing_run
@@ -75,7 +77,7 @@ def test_train_with_any_overrides_never_touches_an_existing_run(overrides, exist
     capsys.readouterr()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(idx=st.binary(max_size=200), bin_=st.binary(max_size=200))
 def test_random_bytes_as_an_indexed_dataset_are_a_clear_error(idx, bin_, tmp_path):
     prefix = tmp_path / "junk"
@@ -85,7 +87,7 @@ def test_random_bytes_as_an_indexed_dataset_are_a_clear_error(idx, bin_, tmp_pat
         IndexedDataset(prefix)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(min_value=1, max_value=60), where=st.sampled_from(["idx", "bin"]), flip=st.booleans())
 def test_a_damaged_real_dataset_is_detected_and_named(cut, where, flip, tmp_path):
     prefix = tmp_path / "real"

@@ -12,9 +12,9 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 from megatron_lowp.config import load_config
 from megatron_lowp.errors import UserError
 from megatron_lowp.precision import available_recipes
-from megatron_lowp.train import checkpoint as ckpt_mod
+from megatron_lowp.run import checkpoint as ckpt_mod
+from megatron_lowp.run.logs import read_jsonl
 from megatron_lowp.train import train
-from megatron_lowp.train.metrics import read_metrics
 
 SMALL = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
@@ -48,7 +48,7 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def losses(run_dir: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+    return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def reference_run(repo, tmp_path_factory):
 
 def test_reference_run_writes_a_complete_run_dir(reference_run):
     run_dir = reference_run.run_dir
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"):
         assert all(key in r for r in rows), key
@@ -221,7 +221,7 @@ def kill_soak(repo, tmp_path, kills: int, steps: int, seed: int = 0) -> dict:
     import sys
     import time
 
-    from megatron_lowp.train.checkpoint import CheckpointManager, verify
+    from megatron_lowp.run.checkpoint import CheckpointManager, verify
 
     extra = [f"train.steps={steps}", "train.checkpoint_every=1"]
     reference = train(small_cfg(repo, tmp_path / "reference", "run.name=ref", *extra))
@@ -232,9 +232,9 @@ def kill_soak(repo, tmp_path, kills: int, steps: int, seed: int = 0) -> dict:
     stats = {"kills": 0, "kills_during_save": 0, "restarts": 0}
     for _attempt in range(kills * 3 + 2):
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
-        start_rows = len(read_metrics(run_dir / "metrics.jsonl"))
+        start_rows = len(read_jsonl(run_dir / "metrics.jsonl"))
         deadline = time.time() + 120
-        while proc.poll() is None and len(read_metrics(run_dir / "metrics.jsonl")) <= start_rows and time.time() < deadline:
+        while proc.poll() is None and len(read_jsonl(run_dir / "metrics.jsonl")) <= start_rows and time.time() < deadline:
             time.sleep(0.01)  # wait until this attempt is really training
         time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None and stats["kills"] < kills:

@@ -18,7 +18,7 @@ from pathlib import Path
 from megatron_lowp.errors import UserError
 from megatron_lowp.eval.plots import ema
 from megatron_lowp.eval.summary import run_summary
-from megatron_lowp.train.metrics import read_metrics
+from megatron_lowp.run.logs import read_jsonl
 
 
 def time_to_target(rows: list[dict], target: float) -> dict | None:
@@ -31,7 +31,7 @@ def time_to_target(rows: list[dict], target: float) -> dict | None:
 
 def _events(run_dir: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for e in read_metrics(run_dir / "events.jsonl"):
+    for e in read_jsonl(run_dir / "events.jsonl"):
         counts[e.get("event", "?")] = counts.get(e.get("event", "?"), 0) + 1
     return counts
 
@@ -41,7 +41,7 @@ def compare_runs(runs: list[Path], baseline: Path) -> dict:
         if not (Path(path) / "metrics.jsonl").is_file():
             raise UserError(f"{path}: not a run directory (no metrics.jsonl)")
     base = run_summary(baseline)
-    base_rows = read_metrics(Path(baseline) / "metrics.jsonl")
+    base_rows = read_jsonl(Path(baseline) / "metrics.jsonl")
     target = base.get("final_val_loss")
     notes = []
     if target is None:
@@ -49,7 +49,7 @@ def compare_runs(runs: list[Path], baseline: Path) -> dict:
     out = []
     for path in [baseline, *runs]:
         s = run_summary(path)
-        rows = read_metrics(Path(path) / "metrics.jsonl")
+        rows = read_jsonl(Path(path) / "metrics.jsonl")
         peaks = [v for r in rows for k, v in r.items() if k.startswith("mem_")]
         s["peak_memory_bytes"] = max(peaks) if peaks else None
         s["events"] = _events(Path(path))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -30,8 +29,10 @@ from megatron_lowp.device import Device, get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.precision import PrecisionRecipe, available_recipes, build_recipe
-from megatron_lowp.train.checkpoint import CheckpointManager, verify, write_text_atomic
-from megatron_lowp.train.safe_dcp import SafeFileSystemReader
+from megatron_lowp.run.atomic import write_text_atomic
+from megatron_lowp.run.checkpoint import meta_value, verify
+from megatron_lowp.run.run_dir import find_checkpoint
+from megatron_lowp.run.safe_load import load_state
 
 
 @dataclass
@@ -44,19 +45,11 @@ class Loaded:
     step: int
 
 
-def find_checkpoint(path: Path) -> Path:
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
-    latest = CheckpointManager(path).latest() if (path / "checkpoints").is_dir() else None
-    if latest is None:
-        raise UserError(f"{path}: neither a checkpoint directory nor a run directory with a complete checkpoint")
-    return latest
-
-
-def _config_of(meta: dict, precision: str | None) -> Config:
+def _config_of(meta: dict, precision: str | None, checkpoint: Path) -> Config:
     """The recipe the checkpoint was trained with (from its meta.json), optionally in another precision."""
-    saved = copy.deepcopy(meta["config"])
+    saved = copy.deepcopy(meta_value(meta, "config", dict, checkpoint))
+    if not all(isinstance(saved.get(k), dict) for k in ("run", "precision")):
+        raise UserError(f"{checkpoint}/meta.json: 'config' is damaged (no run/precision sections)")
     if precision is not None:
         saved["precision"] = {"recipe": precision, "smooth_swiglu": saved["precision"].get("smooth_swiglu", False),
                               "smooth_swiglu_granularity": saved["precision"].get("smooth_swiglu_granularity", "token")}
@@ -72,18 +65,15 @@ def _config_of(meta: dict, precision: str | None) -> Config:
 def load_model(path: Path, precision: str | None = None, device_type: str = "auto") -> Loaded:
     checkpoint = find_checkpoint(path)
     meta = verify(checkpoint)
-    cfg = _config_of(meta, precision)
+    cfg = _config_of(meta, precision, checkpoint)
     device = get_device(device_type if device_type != "auto" else cfg.device.type)
     recipe = build_recipe(cfg, device)
     model = build_model(cfg.model, recipe).to(device.torch_device)
     state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint))
-    except Exception as e:  # noqa: BLE001 - DCP wraps failures; the user needs the path
-        raise UserError(f"{checkpoint}: its model does not load into the recipe it records: {e}") from None
+    load_state(checkpoint, state)  # run/safe_load.py: tensors only, no pickles
     set_model_state_dict(model, state["model"])
     model.eval()
-    return Loaded(checkpoint, cfg, model, recipe, device, int(meta["step"]))
+    return Loaded(checkpoint, cfg, model, recipe, device, meta["step"])
 
 
 @torch.no_grad()

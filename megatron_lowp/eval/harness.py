@@ -34,7 +34,7 @@ from tqdm import tqdm
 from megatron_lowp.data import Tokenizer
 from megatron_lowp.errors import UserError
 from megatron_lowp.eval.evaluate import Loaded, continue_tokens, decode_continuation, load_model
-from megatron_lowp.train.checkpoint import write_text_atomic
+from megatron_lowp.run.atomic import write_text_atomic
 
 try:
     import lm_eval

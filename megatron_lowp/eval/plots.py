@@ -29,8 +29,9 @@ def loss_figure(runs: dict[str, list[dict]], title: str = "") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for index, (name, rows) in enumerate(runs.items()):
         color = f"C{index}"
-        train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and r["loss"] == r["loss"]]
-        valid = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        # non-finite values are logged as null (run/logs.py): leave them out of the curve
+        train = [(r["tokens"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and r["loss"] == r["loss"]]
+        valid = [(r["tokens"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
         if train:
             tokens, losses = zip(*train, strict=True)
             # Smooth over ~5% of the points: enough to read a noisy curve, too little to lag it.

@@ -7,20 +7,22 @@ shapes and dtypes recorded there, so nothing large is loaded).
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_lowp.train.checkpoint import CheckpointManager
-from megatron_lowp.train.metrics import read_metrics
-from megatron_lowp.train.safe_dcp import SafeFileSystemReader
+from megatron_lowp.errors import UserError
+from megatron_lowp.run.checkpoint import CheckpointManager
+from megatron_lowp.run.logs import read_jsonl, value
+from megatron_lowp.run.safe_load import read_metadata
 
 
 def state_bytes(checkpoint: Path) -> dict[str, int]:
     """Bytes of the model parameters and of the optimizer state in a checkpoint, and the parameter count."""
-    meta = SafeFileSystemReader(str(checkpoint)).read_metadata()
+    meta = read_metadata(checkpoint)
     out = {"model_params": 0, "optim_bytes": 0}
     for key, item in meta.state_dict_metadata.items():
         if not isinstance(item, TensorStorageMetadata):
@@ -36,28 +38,42 @@ def state_bytes(checkpoint: Path) -> dict[str, int]:
     return out
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """A run's config.yaml as a mapping ({} if absent); anything that is not plain YAML is a UserError."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a plain YAML recipe ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise UserError(f"{path}: not a recipe (a mapping of sections)")
+    return config
+
+
 def run_summary(run_dir: Path, last_train_points: int = 5) -> dict:
     """Final/min losses, throughput, optimizer bytes per parameter and numerics events of one run.
     The final train loss is the mean of the last `last_train_points` logged values (one logged
     micro-batch loss is noisy)."""
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     valid = [r for r in rows if "val_loss" in r]
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    summary: dict = {"run": run_dir.name, "recipe": config.get("precision", {}).get("recipe"),
+    config = read_run_config(run_dir)
+    summary: dict = {"run": run_dir.name, "recipe": (config.get("precision") or {}).get("recipe"),
                      "steps": train[-1]["step"] if train else 0, "tokens": train[-1]["tokens"] if train else 0}
     if train:
-        tail = [r["loss"] for r in train[-last_train_points:]]
+        tail = [value(r, "loss") for r in train[-last_train_points:]]
         summary["final_train_loss"] = sum(tail) / len(tail)
         # the first logging window holds start-up costs (compilation, allocation): not the steady state
         speeds = [r["tokens_per_s"] for r in train[1:] or train]
         summary["tokens_per_s"] = statistics.median(speeds)
-        summary["nan_steps"] = [r["step"] for r in train if r["loss"] != r["loss"]]
+        summary["nan_steps"] = [r["step"] for r in train if not math.isfinite(value(r, "loss"))]
     if valid:
         summary["final_val_loss"] = valid[-1]["val_loss"]
         summary["min_val_loss"] = min(r["val_loss"] for r in valid)
-    numerics = read_metrics(run_dir / "numerics.jsonl")
+    numerics = read_jsonl(run_dir / "numerics.jsonl")
     noise = [r for r in numerics if r.get("kind") == "grad_noise" and r.get("layer") == "all"]
     if noise:
         summary["grad_noise_ratio_first"] = noise[0]["ratio"]

@@ -8,7 +8,6 @@ logging, evaluation and checkpoint steps.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from megatron_lowp import __version__
 from megatron_lowp.config import Config, config_to_dict
 from megatron_lowp.data import Tokenizer, build_train_stream, build_valid_dataset, sequential_batches
 from megatron_lowp.device import Device, get_device
-from megatron_lowp.errors import UserError
+from megatron_lowp.errors import Preempted, UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.optim import build_optimizer, lr_at, qaf_lr_at
 from megatron_lowp.parallel import build_engine, dist
@@ -36,10 +35,12 @@ from megatron_lowp.precision import (
 )
 from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
 from megatron_lowp.precision.telemetry import start_telemetry, telemetry_rows
-from megatron_lowp.train.checkpoint import CheckpointManager
-from megatron_lowp.train.metrics import JsonlLog, MetricsLog, NullLog
+from megatron_lowp.run.checkpoint import CheckpointManager, meta_value
+from megatron_lowp.run.logs import JsonlLog, NullLog, encode_row
+from megatron_lowp.run.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
+from megatron_lowp.train.faults import StopSignals
+from megatron_lowp.train.metrics import MetricsLog
 from megatron_lowp.train.progress import Progress
-from megatron_lowp.train.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
 
 
 @dataclass
@@ -74,7 +75,9 @@ def _moment_keys(optim: dict) -> tuple[str, ...]:
 
 
 def _check_compatible(meta: dict, cfg: Config, path: Path) -> None:
-    saved_cfg, now_cfg = meta.get("config", {}), config_to_dict(cfg)
+    saved_cfg, now_cfg = meta_value(meta, "config", dict, path), config_to_dict(cfg)
+    if not all(isinstance(saved_cfg.get(section, {}), dict) for section in ("model", "optim")):
+        raise UserError(f"{path}/meta.json: 'config' is damaged (model/optim are not sections)")
     checked = (("model", SHAPE_KEYS), ("optim", _moment_keys(now_cfg["optim"])))
     diffs = [f"{section}.{k}: checkpoint {saved_cfg[section][k]!r}, recipe {now_cfg[section][k]!r}"
              for section, keys in checked
@@ -184,7 +187,8 @@ class Trainer:
         self._rolled_back = False
         self._loss_mean: float | None = None  # running mean of the loss, for spike events
         self._loss_count = 0
-        resume_from = checkpoint_to_resume(cfg, self.run_dir)
+        resume_from = checkpoint_to_resume(cfg, self.run_dir, self.checkpoints)
+        self.notes += self.checkpoints.skipped  # checkpoints passed over, and why
         if resume_from is not None:
             self._load(resume_from)
         if self.main:
@@ -199,16 +203,16 @@ class Trainer:
         meta = self.checkpoints.load(path, state, check=lambda meta: _check_compatible(meta, self.cfg, path))
         self.engine.load_state_dict(state)
         self.device.set_rng_state(state["rng"])
-        self.step = int(meta["step"])
-        self.consumed_samples = int(meta["consumed_samples"])
+        self.step = meta["step"]
+        self.consumed_samples = meta_value(meta, "consumed_samples", int, path)
         self.stream.load_state_dict(meta.get("data"))  # warns if the data changed; blends: counts as a shortcut
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        self.skip_batches = set(meta.get("skip_batches", []))
-        self.tokens = int(meta["tokens"])
-        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.skipped_steps = meta_value(meta, "skipped_steps", int, path, 0)
+        self.skip_batches = set(meta_value(meta, "skip_batches", list, path, []))
+        self.tokens = meta_value(meta, "tokens", int, path)
+        self.train_seconds = float(meta_value(meta, "train_seconds", float, path, 0.0))
         self.resumed_from = path
-        if meta.get("qaf_start_step") is not None:
-            self.qaf_start_step = int(meta["qaf_start_step"])
+        self.qaf_start_step = meta_value(meta, "qaf_start_step", int, path, None)
+        if self.qaf_start_step is not None:
             set_high_precision_backward(self.model, True)
 
     def save_checkpoint(self) -> Path:
@@ -285,9 +289,9 @@ class Trainer:
             if latest is None:
                 raise UserError(f"step {self.step}: non-finite gradient norm ({norm}); train.nan_policy is rollback "
                                 "but no checkpoint has been written yet")
-            bad = self.consumed_samples
+            bad, earlier = self.consumed_samples, set(self.skip_batches)
             self._load(latest)
-            self.skip_batches.add(bad)
+            self.skip_batches |= earlier | {bad}  # every bad batch found so far, not only the checkpoint's
             self._rolled_back = True
             self.events.append({**event, "rolled_back_to": str(latest), "skipped_samples_at": bad})
             self.notes.append(f"step {event['step']}: non-finite gradient norm; rolled back to {latest} and will skip "
@@ -386,6 +390,9 @@ class Trainer:
         numerics = JsonlLog(self.run_dir / "numerics.jsonl", self.step) if self.quantized and self.main else None
         events = JsonlLog(self.run_dir / "events.jsonl", self.step) if self.main else NullLog()
         progress = Progress(t.steps, self.step, cfg.logging.progress, silent=not self.main)
+        for note in self.notes:  # e.g. checkpoints passed over on resume, and why
+            progress.note(note)
+        self.notes = []
         if self.resumed_from is not None:
             progress.note(f"resumed from {self.resumed_from} at step {self.step} ({self.tokens:,} tokens)")
         if self.step >= last:
@@ -397,14 +404,16 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
         train_seconds_before = self.train_seconds
+        stop_signals = StopSignals()  # SIGTERM: finish the step, checkpoint, stop (train/faults.py)
+        stop_signals.install()
         try:
             while self.step < last:
                 loss, grad_norm = self.train_step()
                 window_tokens += t.global_batch_size * t.seq_len
                 progress.update()
-                if self._rolled_back:  # the rows after the checkpoint will be written again
+                if self._rolled_back:  # the rows after the checkpoint will be written again (events stay: history)
                     self._rolled_back = False
-                    for log in (metrics, events) + ((numerics,) if numerics is not None else ()):
+                    for log in (metrics,) + ((numerics,) if numerics is not None else ()):
                         log.truncate(self.step)
                     self.numerics_rows = []
                     for note in self.notes:
@@ -453,18 +462,24 @@ class Trainer:
                     metrics.log(row)
                     progress.show(row)
                     window_start, window_tokens = time.perf_counter(), 0
-                if is_last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+                stop = stop_signals.requested(self.engine.reduce_max if self.dist.world_size > 1 else None,
+                                              self.device.torch_device)
+                if is_last or stop or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                     save_start = time.perf_counter()
                     self.train_seconds = train_seconds_before + save_start - run_start
                     ckpt = self.save_checkpoint()
                     window_start += time.perf_counter() - save_start  # saving is not training time
+                if stop and not is_last:
+                    raise Preempted(f"stopped by {stop_signals.name} after step {self.step} with checkpoint {ckpt}; "
+                                    "run the same command to resume")
         finally:
+            stop_signals.uninstall()
             progress.close()
             metrics.close()
             events.close()
-            if self.events:  # e.g. the stop event of a run that ends with an error
+            if self.events and self.main:  # e.g. the stop event of a run that ends with an error
                 with open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(e) + "\n" for e in self.events) if self.main else "")
+                    f.write("".join(encode_row(e) for e in self.events))
             if numerics is not None:
                 numerics.close()
         return TrainResult(self.run_dir, self.step, self.tokens, loss_value, val_loss, ckpt,
@@ -494,6 +509,9 @@ def train(cfg: Config) -> TrainResult:
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
+    except Preempted:
+        trainer.engine.shutdown()  # every rank stopped after the same step, with its checkpoint shards written
+        raise
     except RuntimeError as e:
         if trainer.dist.world_size == 1 or not _is_collective_timeout(e):
             raise

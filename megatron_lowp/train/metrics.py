@@ -1,13 +1,8 @@
-"""Where training numbers go: metrics.jsonl (always), wandb and TensorBoard (optional).
-
-metrics.jsonl holds one JSON object per logged step. On resume the lines after the resumed step are
-dropped first (they belong to work the checkpoint does not hold and that is about to be redone), so
-the file never has duplicated or missing steps. The rewrite is atomic.
-"""
+"""Where training numbers go: metrics.jsonl (always; megatron_lowp/run/logs.py), wandb and TensorBoard
+(optional)."""
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -15,66 +10,7 @@ from typing import Any
 
 from megatron_lowp.config.schema import LoggingConfig
 from megatron_lowp.errors import UserError
-from megatron_lowp.train.checkpoint import write_text_atomic
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Every complete JSON line of a metrics file (a torn last line from a crash is skipped)."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-class JsonlLog:
-    """An append-only JSON-lines file of step rows. Opening it for a run resumed at `resumed_step`
-    first drops (atomically) the rows of later steps: work the checkpoint does not hold, about to be
-    redone, so no step is ever duplicated or missing."""
-
-    def __init__(self, path: Path, resumed_step: int):
-        self.path = Path(path)
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
-        self.earlier_rows = kept  # what the run logged before this resume
-        if self.path.exists():
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def truncate(self, step: int) -> None:
-        """Drop the rows after `step` (a rollback redoes them)."""
-        self._file.close()
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class NullLog:
-    """The logs of ranks other than 0: they train but do not write."""
-
-    earlier_rows: list[dict] = []
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        pass
-
-    def truncate(self, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from megatron_lowp.run.logs import JsonlLog
 
 
 class MetricsLog:

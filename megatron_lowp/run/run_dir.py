@@ -8,7 +8,8 @@ from pathlib import Path
 
 from megatron_lowp.config import Config, dump_config
 from megatron_lowp.errors import UserError
-from megatron_lowp.train.checkpoint import CheckpointManager, write_text_atomic
+from megatron_lowp.run.atomic import probe_writable, write_text_atomic
+from megatron_lowp.run.checkpoint import MANIFEST, CheckpointManager
 
 
 def has_results(run_dir: Path) -> bool:
@@ -29,19 +30,21 @@ def prepare_run_dir(cfg: Config) -> Path:
         os.replace(run_dir, aside)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as e:
         raise UserError(f"run.out_dir: cannot write the run directory {run_dir} ({e.strerror})") from None
+    if (run_dir / "checkpoints").exists():
+        CheckpointManager(run_dir).check_writable()
     return run_dir
 
 
-def checkpoint_to_resume(cfg: Config, run_dir: Path) -> Path | None:
+def checkpoint_to_resume(cfg: Config, run_dir: Path, checkpoints: CheckpointManager | None = None) -> Path | None:
+    """The checkpoint run.resume asks for: auto, this run's newest complete one; a run directory (or
+    its checkpoints/ folder), that run's newest; or a checkpoint directory as given."""
     if cfg.run.resume == "never":
         return None
     if cfg.run.resume == "auto":
-        return CheckpointManager(run_dir).latest()
+        return (checkpoints or CheckpointManager(run_dir)).latest()
     given = Path(cfg.run.resume)
     # A run directory (or its checkpoints/ folder) means: its newest complete checkpoint.
     for candidate_run in (given, given.parent):
@@ -60,3 +63,14 @@ def write_config(run_dir: Path, cfg: Config, resumed_step: int) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") != text:
         os.replace(path, run_dir / f"config.before_step_{resumed_step}.yaml")
     write_text_atomic(path, text)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = CheckpointManager(path).latest() if (path / "checkpoints").is_dir() else None
+    if latest is None:
+        raise UserError(f"{path}: neither a checkpoint directory nor a run directory with a complete checkpoint")
+    return latest
