@@ -50,5 +50,8 @@ cmd+=(--module --no_local_rank megatron_lowp train "$recipe" parallel.engine=dee
 if [[ ${MEGATRON_LOWP_DRY_RUN:-0} == 1 ]]; then
   printf '%q' "${cmd[0]}"; printf ' %q' "${cmd[@]:1}"; echo
 else
+  # Check the recipe once, here, before any rank starts: a mistake in it is one line and status 2,
+  # not one line per rank followed by the launcher's failure report.
+  PYTHONWARNINGS=ignore "$PYTHON" -m megatron_lowp config "$recipe" parallel.engine=deepspeed "$@" >/dev/null || exit $?
   exec "${cmd[@]}"
 fi

@@ -66,5 +66,8 @@ cmd+=(-m megatron_lowp train "$recipe" "$@")
 if [[ ${MEGATRON_LOWP_DRY_RUN:-0} == 1 ]]; then
   printf '%q' "${cmd[0]}"; printf ' %q' "${cmd[@]:1}"; echo
 else
+  # Check the recipe once, here, before any rank starts: a mistake in it is one line and status 2,
+  # not one line per rank followed by the launcher's failure report.
+  PYTHONWARNINGS=ignore "$PYTHON" -m megatron_lowp config "$recipe" "$@" >/dev/null || exit $?
   exec "${cmd[@]}"
 fi

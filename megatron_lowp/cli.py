@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import sys
+import time
 
 from megatron_lowp.errors import Preempted, UserError
 
@@ -140,13 +142,13 @@ def cmd_eval(args) -> int:
 
     task_options = {"--num-fewshot": args.num_fewshot, "--limit": args.limit, "--batch-size": args.batch_size,
                     "--include-path": args.include_path, "--bootstrap-iters": args.bootstrap_iters}
-    loss_options = {"--data": args.data, "--iters": args.iters}
+    loss_options = {"--data": args.data, "--samples": args.samples}
     for flag, value in (loss_options if args.tasks else task_options).items():
         if value is not None:
             raise UserError(f"{flag} only applies {'without' if args.tasks else 'with'} --tasks")
     if args.tasks:
         return _eval_tasks(args)
-    r = evaluate(Path(args.checkpoint), data=args.data, iters=args.iters, bf16=not args.no_bf16)
+    r = evaluate(Path(args.checkpoint), data=args.data, samples=args.samples, bf16=not args.no_bf16)
     t = r["trained_precision"]
     print(f"step {r['step']}: {t['precision']} loss {t['loss']:.4f}, perplexity {t['perplexity']:.2f} "
           f"({t['tokens']:,} tokens of {r['data']})")
@@ -200,7 +202,7 @@ def cmd_compare(args) -> int:
 
     from megatron_lowp.eval.compare import write_comparison
 
-    write_comparison([Path(r) for r in args.runs], Path(args.baseline), Path(args.out))
+    write_comparison([Path(r) for r in args.runs], Path(args.baseline), Path(args.out), args.allow_different_validation)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/report.md, summary.json and loss.png")
     return 0
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint, in its precision and in BF16")
     p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a checkpoint directory")
     p.add_argument("--data", help="an indexed-dataset prefix to evaluate on (default: the recipe's data.valid)")
-    p.add_argument("--iters", type=int, help="batches (default: the recipe's train.eval_iters)")
+    p.add_argument("--samples", type=int, help="validation sequences (default: the recipe's train.eval_samples, "
+                   "the set its val_loss was measured on)")
     p.add_argument("--no-bf16", action="store_true", help="skip the BF16 evaluation of the same weights")
     p.add_argument("--tasks", help="instead of the loss, run these lm-evaluation-harness tasks (comma-separated, "
                    "e.g. hellaswag,arc_easy,arc_challenge,piqa,winogrande); needs the [eval] extra")
@@ -257,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--baseline", required=True, help="the baseline run directory (e.g. the BF16 run)")
     p.add_argument("--out", required=True, help="directory for report.md, summary.json and loss.png")
+    p.add_argument("--allow-different-validation", action="store_true",
+                   help="report runs validated on other sequences or with another tokenizer (flagged) instead of refusing")
     p.set_defaults(func=cmd_compare)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -264,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_train_arguments(p)
     p.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def _fail(line: str, status: int) -> int:
+    """Print a user error as one line; under torchrun, also hand it to the launcher (its error file),
+    so torchrun's failure report names our message rather than pointing at its traceback docs."""
+    line = " ".join(line.split("\n"))
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"megatron-lowp: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"megatron-lowp: error: {e}", 2)
     except Preempted as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"megatron-lowp: {e}", file=sys.stderr)

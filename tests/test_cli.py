@@ -74,7 +74,7 @@ def test_help(argv, capsys):
 def test_train_command_end_to_end(repo, tmp_path, capsys):
     small = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
              "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=6",
-             "optim.warmup_steps=1", "train.log_every=2", "train.eval_every=3", "train.eval_iters=2",
+             "optim.warmup_steps=1", "train.log_every=2", "train.eval_every=3", "train.eval_samples=8",
              "logging.progress=false", f"run.out_dir={tmp_path}", "run.name=cli"]
     assert main(["train", str(repo / "recipes/quickstart.yaml"), *small]) == 0
     out = capsys.readouterr().out

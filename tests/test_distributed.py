@@ -18,7 +18,7 @@ from megatron_lowp.run.logs import read_jsonl
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
         "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=6",
-        "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_iters=2",
+        "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_samples=8",
         "train.checkpoint_every=3", "logging.progress=false", "parallel.timeout_s=120"]
 
 

@@ -89,7 +89,7 @@ def test_a_loss_spike_is_an_event(repo, tmp_path, monkeypatch):
 
 
 def test_rollbacks_remember_every_bad_batch_and_every_event(repo, tmp_path, monkeypatch):
-    """Two bad global batches after the same checkpoint (steps 7 and 11 of 12, checkpoints every 6): the
+    """Two bad global batches after the same checkpoint (samples 48 and 80, met at steps 7 and 10 of 12, checkpoints every 6): the
     second rollback reloads step 6, whose skip list predates both; the first bad batch must stay
     skipped, or the run would loop between them."""
     bad_positions, hits = {6 * 8, 10 * 8}, []
@@ -106,7 +106,7 @@ def test_rollbacks_remember_every_bad_batch_and_every_event(repo, tmp_path, monk
                                "train.checkpoint_every=6")).fit()
     assert result.step == 12 and hits == [48, 48, 80, 80]
     rollbacks = [e for e in events(result.run_dir) if e["action"] == "rollback"]
-    assert [(e["step"], e["skipped_samples_at"]) for e in rollbacks] == [(7, 48), (11, 80)]
+    assert [(e["step"], e["skipped_samples_at"]) for e in rollbacks] == [(7, 48), (10, 80)]
     meta = json.loads((result.run_dir / "checkpoints/step_12/meta.json").read_text())
     assert meta["skip_batches"] == [48, 80]
     rows = read_jsonl(result.run_dir / "metrics.jsonl")

@@ -355,7 +355,7 @@ def test_cli_tokenizer_prepare_train(tmp_path: Path, repo: Path, inputs, capsys)
     assert "prepared 302 documents" in out and "tokens/s" in out and "docs/s" in out
     small = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden_size=64",
              "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=3",
-             "optim.warmup_steps=1", "train.log_every=1", "train.eval_every=3", "train.eval_iters=1",
+             "optim.warmup_steps=1", "train.log_every=1", "train.eval_every=3", "train.eval_samples=4",
              "logging.progress=false", f"run.out_dir={tmp_path}/runs"]
     data = [f"data.valid={prefix}_valid", f"data.tokenizer={tok}"]
     assert main(["train", str(repo / "recipes/quickstart.yaml"), *small, *data, "run.name=one",

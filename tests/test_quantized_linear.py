@@ -140,7 +140,7 @@ def test_fp8_recipe_takes_the_e4m3_maximum_from_the_device(monkeypatch):
 
 def assert_resume_is_bit_identical(repo, tmp_path, *precision):
     """6 straight steps == 3 steps + resume for 3, every logged number compared with ==."""
-    steps = ["train.steps=6", "train.eval_every=3", "train.eval_iters=1", "train.checkpoint_every=3", *precision]
+    steps = ["train.steps=6", "train.eval_every=3", "train.eval_samples=4", "train.checkpoint_every=3", *precision]
     straight = train(small_cfg(repo, tmp_path, "run.name=a", *steps))
     train(small_cfg(repo, tmp_path, "run.name=b", "train.stop_at_step=3", *steps))
     resumed = train(small_cfg(repo, tmp_path, "run.name=b", *steps))

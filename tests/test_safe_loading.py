@@ -144,7 +144,7 @@ def _reader_argv(reader: str, run: Path, repo: Path, tmp_path: Path) -> list[str
                 f"run.name={run.name}", "precision.recipe=fp8", "train.steps=6", "train.checkpoint_every=2",
                 "train.eval_every=0"]
     if reader == "eval":
-        return ["eval", str(run), "--iters", "1"]
+        return ["eval", str(run), "--samples", "4"]
     if reader == "generate":
         return ["generate", str(run), "--prompt", "The hacker", "--max-new-tokens", "2"]
     if reader == "export":

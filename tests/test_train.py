@@ -19,7 +19,7 @@ from megatron_lowp.train import train
 SMALL = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
     "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=8",
-    "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "train.eval_iters=2",
+    "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "train.eval_samples=8",
     "train.checkpoint_every=4", "logging.progress=false",
 ]
 

@@ -122,6 +122,13 @@ def _apply_preset(values: dict[str, Any], sources: dict[str, str]) -> None:
     _fill_defaults(values, sources, path)
 
 
+# Keys of earlier versions, with what replaces them.
+REMOVED_KEYS = {
+    "train.eval_iters": "set train.eval_samples (the number of validation sequences; eval_iters x "
+                        "micro_batch_size before) and train.eval_batch_size, so the validation set no longer "
+                        "depends on the batch layout",
+}
+
 # Alternative ways to set one thing: a recipe package's default gives way when the user sets any of them.
 EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "precision.qaf.start_fraction"),)
 
@@ -274,6 +281,8 @@ def _build(cls: type, tree: dict, sources: dict[str, str], extra: dict[str, tupl
         dotted = f"{prefix}{key}"
         where_set = src or sources.get(dotted) or next(
             (s for k, s in sources.items() if k.startswith(dotted + ".")), COMMAND_LINE)
+        if dotted in REMOVED_KEYS:
+            raise UserError(f"{where_set}: '{dotted}' was removed: {REMOVED_KEYS[dotted]}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -165,6 +165,8 @@ class DataConfig:
     train: str | list[DataSource] = "embedded"
     valid: str | None = "embedded"
     tokenizer: str = "embedded"  # a sentencepiece .model file or "embedded"
+    # A dataset whose PREFIX_prepare.json records another tokenizer is an error unless this is true.
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass
@@ -176,7 +178,11 @@ class TrainConfig:
     grad_clip: float = bounded(1.0, ge=0, doc="0 disables clipping")
     log_every: int = bounded(10, ge=1)
     eval_every: int = bounded(100, ge=0, doc="0 disables validation")
-    eval_iters: int = bounded(10, ge=1)
+    # The validation set (megatron_lowp/data/validation.py): this many sequences of data.valid, run in
+    # chunks of eval_batch_size; both fixed by the recipe, so the validation loss is the same number at
+    # any micro-batch size, accumulation or world size, and in `megatron-lowp eval`.
+    eval_samples: int = bounded(128, ge=1, doc="validation sequences (of seq_len + 1 tokens)")
+    eval_batch_size: int = bounded(8, ge=1, doc="validation sequences per forward (memory, not results)")
     checkpoint_every: int = bounded(100, ge=0, doc="0: only at the end of the run")
     keep_checkpoints: int = bounded(0, ge=0, doc="keep the newest N checkpoints; 0 keeps all")
     # Stop (with a checkpoint) after this step while the schedule still follows `steps`: for
@@ -207,6 +213,9 @@ class DeviceConfig:
     type: str = choice("auto", *DEVICE_TYPES)
     hpu_mode: str = choice("lazy", *HPU_MODES)
     deterministic: bool = True  # torch.use_deterministic_algorithms: bit-exact resume
+    # Intra-op CPU threads per process; null: OMP_NUM_THREADS if set, else the usable cores divided
+    # among this node's ranks (megatron_lowp/device/threads.py)
+    cpu_threads: int | None = bounded(None, ge=1)
 
 
 @dataclass

@@ -23,6 +23,9 @@ _LAZY = {
     "build_train_stream": "blend",
     "build_valid_dataset": "blend",
     "resolve_prefix": "blend",
+    "ValidationSet": "validation",
+    "build_validation_set": "validation",
+    "sequence_losses": "validation",
 }
 
 
@@ -41,12 +44,15 @@ __all__ = [
     "PackedTokenDataset",
     "SampleStream",
     "Tokenizer",
+    "ValidationSet",
     "best_token_dtype",
     "build_train_stream",
     "build_valid_dataset",
+    "build_validation_set",
     "document_split",
     "embedded_dataset_prefix",
     "read_corpus",
     "resolve_prefix",
+    "sequence_losses",
     "sequential_batches",
 ]

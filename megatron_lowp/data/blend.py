@@ -29,6 +29,8 @@ The recorded counts are only a cache of that pure function: they are used when t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -193,9 +195,40 @@ def _is_embedded_tokenizer(tokenizer: str) -> bool:
         return False
 
 
-def resolve_prefix(value: str, split: str, key: str, tokenizer: str = "embedded") -> str:
+def _prepare_record(prefix: str) -> Path | None:
+    """The `megatron-lowp prepare` record of a prefix PREFIX_<split> (PREFIX_prepare.json), if any."""
+    base, sep, split = prefix.rpartition("_")
+    record = Path(f"{base}_prepare.json") if sep and split in ("train", "valid", "test") else None
+    return record if record is not None and record.is_file() else None
+
+
+def check_tokenizer(prefix: str, key: str, tokenizer: str, allow_mismatch: bool = False) -> None:
+    """A dataset prepared with another tokenizer than data.tokenizer is an error (the ids would mean
+    other pieces, silently, whenever the vocabularies have the same size); data.allow_tokenizer_mismatch
+    is the override for those who mean it."""
+    record_path = _prepare_record(prefix)
+    if record_path is None or allow_mismatch:
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        prepared_with = record["tokenizer_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a record we can read: nothing to check against
+    tokenizer_file = EMBEDDED_TOKENIZER if tokenizer == "embedded" else Path(tokenizer)
+    try:
+        used = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    except OSError:
+        return  # Tokenizer.load reports a missing file
+    if used != prepared_with:
+        raise UserError(f"{key}: {prefix} was prepared with the tokenizer {record.get('tokenizer', '?')} "
+                        f"(sha256 {prepared_with[:12]}, {record_path.name}), but data.tokenizer is {tokenizer} "
+                        f"(sha256 {used[:12]}); use the tokenizer it was prepared with, or "
+                        "data.allow_tokenizer_mismatch=true if you mean it")
+
+
+def resolve_prefix(value: str, split: str, key: str, tokenizer: str = "embedded", allow_mismatch: bool = False) -> str:
     """The indexed-dataset prefix a data.* value names: 'embedded' (the shipped corpus, built on first
-    use) or PREFIX with PREFIX.bin and PREFIX.idx present."""
+    use) or PREFIX with PREFIX.bin and PREFIX.idx present, prepared with this tokenizer."""
     if value == "embedded":
         if not _is_embedded_tokenizer(tokenizer):
             alternative = " or data.valid=null" if key == "data.valid" else ""
@@ -210,6 +243,7 @@ def resolve_prefix(value: str, split: str, key: str, tokenizer: str = "embedded"
             raise UserError(
                 f"{key}: '{value}' has no {value}{suffix} (expected an indexed dataset prefix or 'embedded')"
             )
+    check_tokenizer(value, key, tokenizer, allow_mismatch)
     return value
 
 
@@ -221,9 +255,9 @@ def build_train_stream(data: Any, seq_len: int, seed: int, vocab_size: int | Non
                        shuffle: bool = True) -> SampleStream | BlendedSampleStream:
     """The training order for `data.train` (a DataConfig): a `SampleStream` over one prefix, or a
     `BlendedSampleStream` over a list of {path, weight} entries."""
-    train, tokenizer = data.train, data.tokenizer
+    train, tokenizer, allow = data.train, data.tokenizer, getattr(data, "allow_tokenizer_mismatch", False)
     if isinstance(train, (str, os.PathLike)):
-        prefix = resolve_prefix(os.fspath(train), "train", "data.train", tokenizer)
+        prefix = resolve_prefix(os.fspath(train), "train", "data.train", tokenizer, allow)
         return SampleStream(PackedTokenDataset(prefix, seq_len, vocab_size), seed=seed, shuffle=shuffle)
     if not train:
         raise UserError("data.train: an empty list; name at least one dataset ({path: PREFIX, weight: W})")
@@ -233,7 +267,7 @@ def build_train_stream(data: Any, seq_len: int, seed: int, vocab_size: int | Non
         path, weight = os.fspath(_item(source, "path")), float(_item(source, "weight"))
         if not weight > 0 or not np.isfinite(weight):
             raise UserError(f"{key}.weight: {weight} must be a positive number")
-        prefix = resolve_prefix(path, "train", f"{key}.path", tokenizer)
+        prefix = resolve_prefix(path, "train", f"{key}.path", tokenizer, allow)
         real = os.path.realpath(prefix)
         if real in seen:
             raise UserError(f"{key}.path: '{path}' is already data.train[{seen[real]}]; give it one entry "
@@ -248,4 +282,6 @@ def build_valid_dataset(data: Any, seq_len: int, vocab_size: int | None = None) 
     """The validation set `data.valid` names (None when it is null)."""
     if data.valid is None:
         return None
-    return PackedTokenDataset(resolve_prefix(data.valid, "valid", "data.valid", data.tokenizer), seq_len, vocab_size)
+    prefix = resolve_prefix(data.valid, "valid", "data.valid", data.tokenizer,
+                            getattr(data, "allow_tokenizer_mismatch", False))
+    return PackedTokenDataset(prefix, seq_len, vocab_size)

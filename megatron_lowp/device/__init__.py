@@ -12,6 +12,7 @@ from megatron_lowp.device.cpu import CPUDevice
 from megatron_lowp.device.cuda import CUDADevice
 from megatron_lowp.device.hpu import HPU_MODES, HPUDevice, hpu_available
 from megatron_lowp.device.kernels import triton_kernels_usable
+from megatron_lowp.device.threads import set_cpu_threads
 from megatron_lowp.errors import UserError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "hpu")
@@ -23,6 +24,7 @@ __all__ = [
     "HPU_MODES",
     "get_device",
     "resolve_device_type",
+    "set_cpu_threads",
     "triton_kernels_usable",
 ]
 

@@ -36,7 +36,26 @@ def _events(run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def compare_runs(runs: list[Path], baseline: Path) -> dict:
+def _validation_differences(base: dict, s: dict) -> list[str]:
+    """How run s's validation set or tokenizer differs from the baseline's ([] if the same)."""
+    a, b = base.get("validation"), s.get("validation")
+    if a is None or b is None:
+        missing = [x["run"] for x, v in ((base, a), (s, b)) if v is None]
+        return [f"no validation.json in {', '.join(missing)}"]
+    out = []
+    if a.get("tokenizer_sha256") != b.get("tokenizer_sha256"):
+        out.append(f"tokenizer {b.get('tokenizer')} vs {a.get('tokenizer')}")
+    if a.get("fingerprint") != b.get("fingerprint"):
+        keys = [k for k in ("data", "samples", "seq_len", "batch_size") if a.get(k) != b.get(k)]
+        detail = ", ".join(f"{k} {b.get(k)} vs {a.get(k)}" for k in keys) or "other tokens"
+        out.append(f"validation set ({detail})")
+    return out
+
+
+def compare_runs(runs: list[Path], baseline: Path, allow_different_validation: bool = False) -> dict:
+    """Summaries of `runs` against `baseline`. Runs validated on another set of sequences or with
+    another tokenizer than the baseline are refused (their losses are not comparable), unless
+    allow_different_validation, which keeps them flagged in the report."""
     for path in [baseline, *runs]:
         if not (Path(path) / "metrics.jsonl").is_file():
             raise UserError(f"{path}: not a run directory (no metrics.jsonl)")
@@ -53,7 +72,18 @@ def compare_runs(runs: list[Path], baseline: Path) -> dict:
         peaks = [v for r in rows for k, v in r.items() if k.startswith("mem_")]
         s["peak_memory_bytes"] = max(peaks) if peaks else None
         s["events"] = _events(Path(path))
-        for key in ("final_train_loss", "final_val_loss", "min_val_loss"):
+        differences = _validation_differences(base, s) if path != baseline else []
+        if differences and base.get("validation") is not None and s.get("validation") is not None:
+            if not allow_different_validation:
+                raise UserError(f"compare: {s['run']} was validated on something else than the baseline "
+                                f"{base['run']}: {'; '.join(differences)}; its losses are not comparable "
+                                "(retrain or re-evaluate on the same data, or pass --allow-different-validation "
+                                "to see it flagged)")
+            s["validation_differs"] = differences
+            notes.append(f"{s['run']}: NOT comparable with {base['run']}: {'; '.join(differences)}")
+        elif differences:
+            notes.append(f"{s['run']}: cannot confirm the same validation set as {base['run']} ({differences[0]})")
+        for key in ("last_train_loss", "mean_train_loss_last_n", "final_val_loss", "min_val_loss"):
             if key in s and key in base:
                 s[f"{key}_gap"] = s[key] - base[key]
                 s[f"{key}_gap_pct"] = 100 * (s[key] - base[key]) / base[key]
@@ -80,16 +110,18 @@ def _fmt(v, spec=".4f") -> str:
 def report_markdown(result: dict) -> str:
     lines = [f"# Comparison against {result['baseline']}", "",
              f"Target (the baseline's final validation loss): {_fmt(result['target_val_loss'])}", "",
-             "| run | recipe | tokens | final train | final val | min val | val gap | val gap % | tokens/s | vs base | "
-             "time to target (tokens / s) | peak mem (MiB) | optim B/param | events | grad-noise ratio (last) | QAF from |",
-             "|" + "---|" * 16]
+             "| run | recipe | tokens | last train | train (mean of last 5 logs) | final val | min val | val gap | "
+             "val gap % | tokens/s | vs base | time to target (tokens / s) | peak mem (MiB) | optim B/param | events | "
+             "grad-noise ratio (last) | QAF from |",
+             "|" + "---|" * 17]
     for r in result["runs"]:
         ttt = r.get("time_to_target")
         ttt_text = "not reached" if ttt is None else f"{ttt['tokens']:,} / {_fmt(ttt['seconds'], '.0f')}"
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
         events = ", ".join(f"{k} {v}" for k, v in r["events"].items()) or "-"
         lines.append(
-            f"| {r['run']} | {r['recipe']} | {r['tokens']:,} | {_fmt(r.get('final_train_loss'))} | "
+            f"| {r['run']}{' (NOT comparable)' if r.get('validation_differs') else ''} | {r['recipe']} | {r['tokens']:,} | "
+            f"{_fmt(r.get('last_train_loss'))} | {_fmt(r.get('mean_train_loss_last_n'))} | "
             f"{_fmt(r.get('final_val_loss'))} | {_fmt(r.get('min_val_loss'))} | {_fmt(r.get('final_val_loss_gap'), '+.4f')} | "
             f"{_fmt(r.get('final_val_loss_gap_pct'), '+.2f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
             f"{_fmt(r.get('tokens_per_s_vs_baseline'), '.2f')}x | {ttt_text} | {_fmt(mem, ',.0f')} | "
@@ -108,12 +140,12 @@ def plot_comparison(result: dict, out: Path) -> Path:
     base_val = {r["tokens"]: r["val_loss"] for r in result["_base_rows"] if "val_loss" in r}
     for i, r in enumerate(result["runs"]):
         rows, color = r["_rows"], f"C{i}"
-        train = [(x["tokens"], x["loss"]) for x in rows if "loss" in x and x["loss"] == x["loss"]]
+        train = [(x["tokens"], x["loss"]) for x in rows if isinstance(x.get("loss"), (int, float)) and x["loss"] == x["loss"]]
         if train:
             tokens, losses = zip(*train, strict=True)
             window = max(1, len(losses) // 20)
             ax.plot(tokens, ema(list(losses), 1 - 1 / window), color=color, linewidth=1.4, label=f"{r['run']} train")
-        valid = [(x["tokens"], x["val_loss"]) for x in rows if "val_loss" in x]
+        valid = [(x["tokens"], x["val_loss"]) for x in rows if isinstance(x.get("val_loss"), (int, float))]
         if valid:
             tokens, losses = zip(*valid, strict=True)
             ax.plot(tokens, losses, color=color, linestyle="--", marker="o", markersize=3, label=f"{r['run']} val")
@@ -139,8 +171,8 @@ def plot_comparison(result: dict, out: Path) -> Path:
     return out
 
 
-def write_comparison(runs: list[Path], baseline: Path, out_dir: Path) -> dict:
-    result = compare_runs(runs, baseline)
+def write_comparison(runs: list[Path], baseline: Path, out_dir: Path, allow_different_validation: bool = False) -> dict:
+    result = compare_runs(runs, baseline, allow_different_validation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_comparison(result, out_dir / "loss.png")

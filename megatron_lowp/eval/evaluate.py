@@ -24,10 +24,10 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from megatron_lowp.config import Config, config_to_dict, load_config
-from megatron_lowp.data import Tokenizer, build_valid_dataset, sequential_batches
-from megatron_lowp.device import Device, get_device
+from megatron_lowp.data import Tokenizer, build_validation_set, sequence_losses
+from megatron_lowp.device import Device, get_device, set_cpu_threads
 from megatron_lowp.errors import UserError
-from megatron_lowp.model import build_model, cross_entropy_loss
+from megatron_lowp.model import build_model
 from megatron_lowp.precision import PrecisionRecipe, available_recipes, build_recipe
 from megatron_lowp.run.atomic import write_text_atomic
 from megatron_lowp.run.checkpoint import meta_value, verify
@@ -67,6 +67,7 @@ def load_model(path: Path, precision: str | None = None, device_type: str = "aut
     meta = verify(checkpoint)
     cfg = _config_of(meta, precision, checkpoint)
     device = get_device(device_type if device_type != "auto" else cfg.device.type)
+    set_cpu_threads(cfg.device.cpu_threads)
     recipe = build_recipe(cfg, device)
     model = build_model(cfg.model, recipe).to(device.torch_device)
     state = {"model": get_model_state_dict(model)}
@@ -77,34 +78,37 @@ def load_model(path: Path, precision: str | None = None, device_type: str = "aut
 
 
 @torch.no_grad()
-def validation_loss(loaded: Loaded, data: str | None = None, iters: int | None = None,
-                    batch_size: int | None = None) -> dict:
+def validation_loss(loaded: Loaded, data: str | None = None, samples: int | None = None) -> dict:
+    """The loss over the recipe's validation set (data/validation.py), exactly as training computes
+    it: the same sequences in the same chunks, so the number matches the run's val_loss."""
     cfg = copy.deepcopy(loaded.cfg)
     if data is not None:
         cfg.data.valid = data
-    t = cfg.train
-    dataset = build_valid_dataset(cfg.data, t.seq_len, Tokenizer.load(cfg.data.tokenizer).vocab_size)
-    if dataset is None:
+    if samples is not None:
+        cfg.train.eval_samples = samples
+    vset = build_validation_set(cfg.data, cfg.train, Tokenizer.load(cfg.data.tokenizer).vocab_size)
+    if vset is None:
         raise UserError("data.valid is null in this checkpoint's recipe: pass --data PREFIX")
-    n_iters, bs = iters or t.eval_iters, batch_size or t.micro_batch_size
-    losses = []
-    for batch in sequential_batches(dataset, bs, n_iters):
+
+    def losses_of(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(loaded.device.torch_device)
         with loaded.device.autocast(loaded.recipe.autocast_dtype):
             logits = loaded.model(batch[:, :-1])
-        losses.append(cross_entropy_loss(logits, batch[:, 1:]))
-    loss = torch.stack(losses).mean().item()
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_iters * bs * t.seq_len, "precision": loaded.recipe.name}
+        return sequence_losses(logits, batch[:, 1:])
+
+    loss = vset.loss(losses_of)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": vset.tokens, "precision": loaded.recipe.name,
+            "validation": vset.describe(cfg.data)}
 
 
-def evaluate(path: Path, data: str | None = None, iters: int | None = None, bf16: bool = True) -> dict:
+def evaluate(path: Path, data: str | None = None, samples: int | None = None, bf16: bool = True) -> dict:
     """Validation loss/perplexity in the training precision and (bf16=True) in BF16; written to
     RUN_DIR/eval/step_N.json next to the checkpoint's run."""
     trained = load_model(path)
     result = {"checkpoint": str(trained.checkpoint), "step": trained.step,
-              "data": data or trained.cfg.data.valid, "trained_precision": validation_loss(trained, data, iters)}
+              "data": data or trained.cfg.data.valid, "trained_precision": validation_loss(trained, data, samples)}
     if bf16 and trained.cfg.precision.recipe != "bf16":
-        result["bf16"] = validation_loss(load_model(path, precision="bf16"), data, iters)
+        result["bf16"] = validation_loss(load_model(path, precision="bf16"), data, samples)
         result["bf16_minus_trained"] = result["bf16"]["loss"] - result["trained_precision"]["loss"]
     out_dir = trained.checkpoint.parent.parent / "eval"
     out_dir.mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ shapes and dtypes recorded there, so nothing large is loaded).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from megatron_lowp.errors import UserError
 from megatron_lowp.run.checkpoint import CheckpointManager
 from megatron_lowp.run.logs import read_jsonl, value
+from megatron_lowp.run.run_dir import VALIDATION_JSON
 from megatron_lowp.run.safe_load import read_metadata
 
 
@@ -52,10 +54,20 @@ def read_run_config(run_dir: Path) -> dict:
     return config
 
 
+def read_validation(run_dir: Path) -> dict | None:
+    """The run's validation.json (its validation set's fingerprint and tokenizer), None if absent."""
+    path = Path(run_dir) / VALIDATION_JSON
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def run_summary(run_dir: Path, last_train_points: int = 5) -> dict:
     """Final/min losses, throughput, optimizer bytes per parameter and numerics events of one run.
-    The final train loss is the mean of the last `last_train_points` logged values (one logged
-    micro-batch loss is noisy)."""
+    Train loss: the last logged value (`last_train_loss`) and, since one global batch's loss is
+    noisy, the mean of the last `last_train_points` logged values (`mean_train_loss_last_n`)."""
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
@@ -65,7 +77,9 @@ def run_summary(run_dir: Path, last_train_points: int = 5) -> dict:
                      "steps": train[-1]["step"] if train else 0, "tokens": train[-1]["tokens"] if train else 0}
     if train:
         tail = [value(r, "loss") for r in train[-last_train_points:]]
-        summary["final_train_loss"] = sum(tail) / len(tail)
+        summary["last_train_loss"] = tail[-1]
+        summary["mean_train_loss_last_n"] = sum(tail) / len(tail)
+        summary["mean_train_loss_n"] = len(tail)
         # the first logging window holds start-up costs (compilation, allocation): not the steady state
         speeds = [r["tokens_per_s"] for r in train[1:] or train]
         summary["tokens_per_s"] = statistics.median(speeds)
@@ -81,6 +95,7 @@ def run_summary(run_dir: Path, last_train_points: int = 5) -> dict:
     qaf = [r for r in numerics if r.get("event") == "qaf_start"]
     if qaf:
         summary["qaf_start_step"] = qaf[0]["step"]
+    summary["validation"] = read_validation(run_dir)
     latest = CheckpointManager(run_dir).latest()
     if latest is not None:
         sizes = state_bytes(latest)

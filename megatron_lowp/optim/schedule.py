@@ -48,3 +48,37 @@ def qaf_lr_at(step: int, start: int, qaf: QafConfig, cfg: OptimConfig, total_ste
     progress = min(max(k - qaf.warmup_steps, 0) / span, 1.0)
     floor = min(cfg.min_lr, peak)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def planned_qaf_start(qaf: QafConfig, steps: int, tokens_per_step: int) -> int | None:
+    """The first QAF step a recipe asks for by step, tokens or fraction (None: never, or by the monitor)."""
+    if qaf.start_step is not None:
+        return qaf.start_step
+    if qaf.start_tokens is not None:  # QAF starts once the trained tokens reach start_tokens
+        return math.ceil(qaf.start_tokens / tokens_per_step) + 1
+    if qaf.start_fraction is not None:
+        return math.floor(qaf.start_fraction * steps) + 1
+    return None
+
+
+def schedule_warnings(cfg: OptimConfig, qaf: QafConfig | None, steps: int, tokens_per_step: int) -> list[str]:
+    """What a run too short for its schedule would silently get wrong, in words (empty when it fits)."""
+    out = []
+    if cfg.schedule != "constant" and cfg.warmup_steps >= steps:
+        out.append(f"warning: optim.warmup_steps ({cfg.warmup_steps}) >= train.steps ({steps}): the LR warms up "
+                   f"and never decays ({cfg.schedule} schedule); raise train.steps or lower optim.warmup_steps")
+    if cfg.schedule == "wsd":
+        decay_start = steps - max(round(cfg.decay_fraction * steps), 1)
+        if decay_start < cfg.warmup_steps:
+            out.append(f"warning: the wsd decay (last {steps - decay_start} steps) starts during the warmup "
+                       f"({cfg.warmup_steps} steps): the LR never holds at optim.lr")
+    start = planned_qaf_start(qaf, steps, tokens_per_step) if qaf is not None else None
+    if start is not None and start <= steps:
+        left = steps - start + 1
+        if left < qaf.warmup_steps:
+            out.append(f"warning: QAF starts at step {start} with {left} step{'s' * (left != 1)} left, fewer than "
+                       f"precision.qaf.warmup_steps ({qaf.warmup_steps}): its LR never reaches the QAF peak; "
+                       "lower precision.qaf.warmup_steps or start QAF earlier")
+        if start <= cfg.warmup_steps:
+            out.append(f"warning: QAF starts at step {start}, inside the main warmup ({cfg.warmup_steps} steps)")
+    return out

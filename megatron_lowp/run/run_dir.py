@@ -11,6 +11,8 @@ from megatron_lowp.errors import UserError
 from megatron_lowp.run.atomic import probe_writable, write_text_atomic
 from megatron_lowp.run.checkpoint import MANIFEST, CheckpointManager
 
+VALIDATION_JSON = "validation.json"  # the run's validation set: sequences, fingerprint, tokenizer
+
 
 def has_results(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()

@@ -18,11 +18,11 @@ import torch
 
 from megatron_lowp import __version__
 from megatron_lowp.config import Config, config_to_dict
-from megatron_lowp.data import Tokenizer, build_train_stream, build_valid_dataset, sequential_batches
-from megatron_lowp.device import Device, get_device
+from megatron_lowp.data import Tokenizer, build_train_stream, build_validation_set, sequence_losses
+from megatron_lowp.device import Device, get_device, set_cpu_threads
 from megatron_lowp.errors import Preempted, UserError
 from megatron_lowp.model import build_model, cross_entropy_loss
-from megatron_lowp.optim import build_optimizer, lr_at, qaf_lr_at
+from megatron_lowp.optim import build_optimizer, lr_at, qaf_lr_at, schedule_warnings
 from megatron_lowp.parallel import build_engine, dist
 from megatron_lowp.parallel.dist import env_info, init_distributed
 from megatron_lowp.precision import (
@@ -35,9 +35,10 @@ from megatron_lowp.precision import (
 )
 from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
 from megatron_lowp.precision.telemetry import start_telemetry, telemetry_rows
+from megatron_lowp.run.atomic import write_json_atomic
 from megatron_lowp.run.checkpoint import CheckpointManager, meta_value
 from megatron_lowp.run.logs import JsonlLog, NullLog, encode_row
-from megatron_lowp.run.run_dir import checkpoint_to_resume, prepare_run_dir, write_config
+from megatron_lowp.run.run_dir import VALIDATION_JSON, checkpoint_to_resume, prepare_run_dir, write_config
 from megatron_lowp.train.faults import StopSignals
 from megatron_lowp.train.metrics import MetricsLog
 from megatron_lowp.train.progress import Progress
@@ -146,6 +147,7 @@ class Trainer:
         local = env_info()
         self.device: Device = get_device(cfg.device.type, index=local.local_rank, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
+        threads_note = set_cpu_threads(cfg.device.cpu_threads)
         _check_batch_split(cfg, local.world_size)
         self.dist = init_distributed(self.device.dist_backend, cfg.parallel.timeout_s,
                                      need_group=cfg.parallel.engine != "single")
@@ -155,13 +157,15 @@ class Trainer:
         # data (megatron_lowp/data/blend.py): one dataset or a weighted blend, ids checked against the tokenizer
         vocab = self.tokenizer.vocab_size
         self.stream = build_train_stream(cfg.data, t.seq_len, seed=cfg.run.seed, vocab_size=vocab)
-        self.valid_data = build_valid_dataset(cfg.data, t.seq_len, vocab) if t.eval_every else None
+        self.valid_data = build_validation_set(cfg.data, t, vocab) if t.eval_every else None
         self.recipe = build_recipe(cfg, self.device)
         self.device.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         set_sr_rank(model, self.dist.rank)
         self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         _check_qaf(cfg, self.quantized)
+        schedule_notes = schedule_warnings(cfg.optim, cfg.precision.qaf if self.quantized else None, t.steps,
+                                           t.global_batch_size * t.seq_len)
         _check_engine_support(cfg, self.quantized)
         self.engine = build_engine(cfg, model, lambda m: build_optimizer(m, cfg.optim), self.device, self.recipe,
                                    self.dist)
@@ -179,7 +183,7 @@ class Trainer:
         self._qaf_requested = False  # by the gradient-noise monitor (precision.qaf.auto)
         self.grad_noise_ratio: float | None = None  # the monitor's latest overall ratio
         self.numerics_rows: list[dict] = []  # telemetry, gradient-noise and QAF rows for numerics.jsonl
-        self.notes: list[str] = []  # messages for the progress display
+        self.notes: list[str] = [threads_note, *schedule_notes]  # messages for the progress display
         self.events: list[dict] = []  # non-finite steps, rollbacks, loss spikes: events.jsonl
         self.skipped_steps = 0  # updates skipped for a non-finite gradient (in checkpoints)
         self.skip_batches: set[int] = set()  # sample positions of global batches a rollback marked bad
@@ -193,6 +197,8 @@ class Trainer:
             self._load(resume_from)
         if self.main:
             write_config(self.run_dir, cfg, self.step)
+            if self.valid_data is not None:  # what compare checks runs against (like for like)
+                write_json_atomic(self.run_dir / VALIDATION_JSON, self.valid_data.describe(cfg.data))
 
     # --- state --------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -374,11 +380,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The validation loss over the recipe's fixed validation set (data/validation.py): the same
+        number at any micro-batch size or world size."""
         self.model.eval()
-        t = self.cfg.train
-        losses = [self._loss(b) for b in sequential_batches(self.valid_data, t.micro_batch_size, t.eval_iters)]
+
+        def losses_of(batch: torch.Tensor) -> torch.Tensor:
+            batch = batch.to(self.device.torch_device)
+            with self.device.autocast(self.recipe.autocast_dtype):
+                logits = self.engine.model(batch[:, :-1])
+            return sequence_losses(logits, batch[:, 1:])
+
+        def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            return dist.all_reduce(t.to(self.device.torch_device), "sum").cpu()
+
+        loss = self.valid_data.loss(losses_of, self.dist.rank, self.dist.world_size, all_reduce_sum)
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return loss
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
