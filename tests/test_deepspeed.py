@@ -121,15 +121,15 @@ def test_refused_combinations_say_what_works():
     lowp = LowPrecisionAdamW(model.parameters(), moments="fp8")
     adamw = torch.optim.AdamW(model.parameters())
     with pytest.raises(UserError, match="ZeRO stage 2 and optim.moments=fp8.*optim.moments=fp32.*zero_stage=0"):
-        _check_combination(recipe("precision.recipe=fp8"), 2, lowp, [])
-    _check_combination(recipe("precision.recipe=fp8"), 0, lowp, [])  # stage 0: the optimizer sees the parameters
+        _check_combination(recipe("precision.recipe=fp8"), 2, lowp, [], False)
+    _check_combination(recipe("precision.recipe=fp8"), 0, lowp, [], False)  # stage 0: the optimizer sees the parameters
     with pytest.raises(UserError, match="ngpt with DeepSpeed ZeRO stage 3.*stage 1 or 2"):
-        _check_combination(recipe(*NGPT), 3, adamw, [])
+        _check_combination(recipe(*NGPT), 3, adamw, [], True)
     with pytest.raises(UserError, match="ngpt with DeepSpeed's bf16 section"):
-        _check_combination(recipe(*NGPT), 2, adamw, ["bf16"])
-    _check_combination(recipe(*NGPT), 2, adamw, [])
+        _check_combination(recipe(*NGPT), 2, adamw, ["bf16"], True)
+    _check_combination(recipe(*NGPT), 2, adamw, [], True)
     with pytest.raises(UserError, match="zero_stage 0 and DeepSpeed's fp16 section"):
-        _check_combination(recipe(), 0, adamw, ["fp16"])
+        _check_combination(recipe(), 0, adamw, ["fp16"], False)
 
 
 def test_missing_deepspeed_is_a_user_error(monkeypatch):

@@ -50,7 +50,7 @@ def test_qaf_switch_is_logged_checkpointed_and_survives_resume(repo, tmp_path):
     first = train(small_cfg(repo, tmp_path, "run.name=resumed", "train.stop_at_step=4", *FP4))
     assert first.step == 4
     resumed_trainer = Trainer(small_cfg(repo, tmp_path, "run.name=resumed", *FP4))
-    assert resumed_trainer.qaf_start_step == 3  # read back from the checkpoint of step 4
+    assert resumed_trainer.recipe.qaf_start_step == 3  # read back from the checkpoint of step 4
     layers = [m for m in resumed_trainer.model.modules() if isinstance(m, QuantizedLinear)]
     assert layers and all(m.specs.dy is None and m.specs.x is not None for m in layers)  # backward in BF16 again
     resumed = resumed_trainer.fit()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -167,9 +168,23 @@ def _unflatten(values: dict[str, Any]) -> dict:
     return tree
 
 
+def _choices(f: dataclasses.Field, extra: dict[str, tuple], dotted: str) -> tuple | None:
+    """The allowed values of a field: given by the caller, listed in the schema, or read from the
+    registry the schema names (`choice_from`)."""
+    if dotted in extra:
+        return tuple(extra[dotted])
+    source = f.metadata.get("choices_from")
+    if source is None:
+        return f.metadata.get("choices")
+    module, _, name = source.partition(":")
+    registry = getattr(importlib.import_module(module), name)
+    registry = registry() if callable(registry) else registry
+    return tuple(registry)
+
+
 def _describe_allowed(f: dataclasses.Field, tp: Any, extra: dict[str, tuple], dotted: str) -> str:
     meta = f.metadata
-    choices = extra.get(dotted, meta.get("choices"))
+    choices = _choices(f, extra, dotted)
     if choices:
         return "one of " + ", ".join("null" if c is None else str(c) for c in choices)
     bounds = [f">= {meta['ge']}" if meta.get("ge") is not None else "",
@@ -257,7 +272,7 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 def _check_value(value: Any, f: dataclasses.Field, extra: dict[str, tuple], dotted: str) -> None:
     meta = f.metadata
-    choices = extra.get(dotted, meta.get("choices"))
+    choices = _choices(f, extra, dotted)
     if choices and value not in choices:
         raise ValueError("is not allowed")
     if isinstance(value, (int, float)) and not isinstance(value, bool):

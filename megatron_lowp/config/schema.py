@@ -19,6 +19,12 @@ def choice(default: Any, *allowed: Any, doc: str = ""):
     return field(default=default, metadata={"choices": tuple(allowed), "doc": doc})
 
 
+def choice_from(default: Any, source: str, doc: str = ""):
+    """A field whose allowed values are a registry's names, "module:NAME": a tuple, a dict's keys, or a
+    function returning them; read when a recipe is validated, so the registry is the one source."""
+    return field(default=default, metadata={"choices_from": source, "doc": doc})
+
+
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, doc: str = ""):
     """A numeric field with an inclusive/exclusive range."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "doc": doc})
@@ -37,7 +43,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("llama", "llama", "ngpt", doc="ngpt: the normalized Transformer (model/ngpt.py)")
+    arch: str = choice_from("llama", "megatron_lowp.model:ARCHS", doc="ngpt: the normalized Transformer (model/ngpt.py)")
     preset: str | None = None  # fills dimensions not set explicitly, from configs/model/<preset>.yaml
     vocab_size: int | None = bounded(None, ge=2, doc="null: follow the tokenizer")
     d_model: int = bounded(256, ge=8)
@@ -88,6 +94,10 @@ class QafConfig:
     auto: bool = False  # start when the gradient-noise ratio falls below precision.grad_noise.threshold
     warmup_steps: int = bounded(40, ge=0, doc="linear re-warmup after the switch (the paper: 40)")
     lr: float | None = bounded(None, gt=0, doc="peak LR after the switch; null: optim.lr (the paper resets it)")
+    # The main schedule before a planned switch: "full" decays it to optim.min_lr at the step before
+    # QAF (the paper: the main run has decayed when the finetune starts); "run" keeps it over all
+    # train.steps, so QAF cuts it off before it decays.
+    main_decay: str = choice("run", "full", "run")
 
 
 @dataclass
@@ -101,7 +111,7 @@ class GradNoiseConfig:
 
 @dataclass
 class PrecisionConfig:
-    recipe: str = "bf16"  # allowed values: the registered recipes (megatron_lowp.precision)
+    recipe: str = choice_from("bf16", "megatron_lowp.precision:available_recipes", doc="a registered recipe")
     # Per-role specs, used by recipe: custom (named recipes bring their own).
     x: RoleConfig = field(default_factory=RoleConfig)
     w: RoleConfig = field(default_factory=RoleConfig)
@@ -200,7 +210,7 @@ class ParallelConfig:
     # single: one process; ddp: DistributedDataParallel; fsdp: FSDP2 (fully_shard per block);
     # deepspeed: DeepSpeed ZeRO (stage from deepspeed_config or zero_stage). Launch several ranks
     # with launch/ (torchrun, Slurm, deepspeed).
-    engine: str = choice("single", "single", "ddp", "fsdp", "deepspeed")
+    engine: str = choice_from("single", "megatron_lowp.parallel:ENGINES")
     timeout_s: float = bounded(600.0, gt=0, doc="a collective waiting longer (a dead or hung rank) ends the job")
     fsdp_param_dtype: str = choice("autocast", "autocast", "fp32",
                                    doc="fsdp: all-gather parameters in the autocast dtype (BF16) or in FP32")

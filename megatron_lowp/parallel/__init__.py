@@ -6,33 +6,33 @@ the engine's way; the training loop only uses the `Engine` interface (parallel/e
 
 from __future__ import annotations
 
+import importlib
+
 from megatron_lowp.errors import UserError
 from megatron_lowp.parallel import dist
 from megatron_lowp.parallel.dist import DistInfo, init_distributed
 from megatron_lowp.parallel.engine import Engine, OptimizerFactory
 
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+# name -> (module, class): the one list of engines (parallel.engine's allowed values come from here)
+ENGINE_CLASSES = {
+    "single": ("megatron_lowp.parallel.engine", "Engine"),
+    "ddp": ("megatron_lowp.parallel.ddp", "DDPEngine"),
+    "fsdp": ("megatron_lowp.parallel.fsdp", "FSDPEngine"),
+    "deepspeed": ("megatron_lowp.parallel.deepspeed_engine", "DeepSpeedEngine"),
+}
+ENGINES = tuple(ENGINE_CLASSES)
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of engine `name` (its `capabilities` can be read before anything is built)."""
+    if name not in ENGINE_CLASSES:
+        raise UserError(f"parallel.engine: '{name}' is not one of {', '.join(ENGINES)}")
+    module, cls = ENGINE_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_engine(cfg, module, make_optimizer: OptimizerFactory, device, recipe, info: DistInfo) -> Engine:
-    name = cfg.parallel.engine
-    if name == "single":
-        return Engine(module, make_optimizer, info)
-    if name == "ddp":
-        from megatron_lowp.parallel.ddp import DDPEngine
-
-        ids = [device.torch_device.index] if device.torch_device.index is not None else None
-        return DDPEngine(module, make_optimizer, info, device_ids=ids)
-    if name == "fsdp":
-        from megatron_lowp.parallel.fsdp import FSDPEngine
-
-        param_dtype = None if cfg.parallel.fsdp_param_dtype == "fp32" else recipe.autocast_dtype
-        return FSDPEngine(module, make_optimizer, info, device.type, param_dtype)
-    if name == "deepspeed":
-        from megatron_lowp.parallel.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, module, make_optimizer, info, device)
-    raise UserError(f"parallel.engine: '{name}' is not one of {', '.join(ENGINES)}")
+    return engine_class(cfg.parallel.engine).from_config(cfg, module, make_optimizer, device, recipe, info)
 
 
-__all__ = ["ENGINES", "DistInfo", "Engine", "build_engine", "dist", "init_distributed"]
+__all__ = ["ENGINES", "ENGINE_CLASSES", "DistInfo", "Engine", "build_engine", "dist", "engine_class", "init_distributed"]

@@ -13,6 +13,11 @@ from megatron_lowp.parallel.engine import Engine, OptimizerFactory
 class DDPEngine(Engine):
     name = "ddp"
 
+    @classmethod
+    def from_config(cls, cfg, module, make_optimizer, device, recipe, info):
+        ids = [device.torch_device.index] if device.torch_device.index is not None else None
+        return cls(module, make_optimizer, info, device_ids=ids)
+
     def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo, device_ids=None):
         super().__init__(module, make_optimizer, info)
         self.model = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

@@ -88,7 +88,7 @@ from torch import nn
 
 from megatron_lowp.errors import UserError
 from megatron_lowp.parallel.dist import DistInfo
-from megatron_lowp.parallel.engine import Engine, OptimizerFactory
+from megatron_lowp.parallel.engine import Engine, EngineCapabilities, OptimizerFactory
 
 MISSING_DEEPSPEED = ("parallel.engine: 'deepspeed' needs the deepspeed package (pip install -e .[deepspeed]); "
                      "on Gaudi use Habana's DeepSpeed fork")
@@ -251,7 +251,9 @@ def import_deepspeed(device_type: str):
     return deepspeed
 
 
-def _check_combination(cfg, stage: int, optimizer: torch.optim.Optimizer, half: list[str]) -> None:
+def _check_combination(cfg, stage: int, optimizer: torch.optim.Optimizer, half: list[str],
+                       constrains_weights: bool) -> None:
+    """constrains_weights: the model renormalizes its weights after each step (the model contract)."""
     o = cfg.optim
     if stage >= 1 and type(optimizer) is not torch.optim.AdamW:
         raise UserError(
@@ -265,18 +267,23 @@ def _check_combination(cfg, stage: int, optimizer: torch.optim.Optimizer, half: 
         raise UserError(f"parallel.engine=deepspeed with zero_stage 0 and DeepSpeed's {'/'.join(half)} section is not "
                         "supported (DeepSpeed then wraps the optimizer in its own 16-bit optimizer); use a ZeRO stage "
                         "1-3 or disable the section")
-    if cfg.model.arch == "ngpt" and stage == 3:
-        raise UserError("model.arch=ngpt with DeepSpeed ZeRO stage 3: nGPT renormalizes every weight matrix after "
+    if constrains_weights and stage == 3:
+        raise UserError(f"model.arch={cfg.model.arch} with DeepSpeed ZeRO stage 3: nGPT renormalizes every weight matrix after "
                         "each step, and ZeRO-3 keeps only flat partitions of them; use ZeRO stage 1 or 2, or "
                         "parallel.engine=fsdp")
-    if cfg.model.arch == "ngpt" and stage >= 1 and half:
-        raise UserError(f"model.arch=ngpt with DeepSpeed's {'/'.join(half)} section: the weights renormalized "
+    if constrains_weights and stage >= 1 and half:
+        raise UserError(f"model.arch={cfg.model.arch} with DeepSpeed's {'/'.join(half)} section: the weights renormalized "
                         "after each step would be 16-bit copies of ZeRO's FP32 masters; disable the section "
                         "(the recipe's autocast already computes in BF16)")
 
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    capabilities = EngineCapabilities(plain_module_gradients=False)
+
+    @classmethod
+    def from_config(cls, cfg, module, make_optimizer, device, recipe, info):
+        return cls(cfg, module, make_optimizer, info, device)
 
     def __init__(self, cfg, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo, device):
         deepspeed = import_deepspeed(device.type)
@@ -287,7 +294,8 @@ class DeepSpeedEngine(Engine):
         self.info = info
         self._max_norm = float(cfg.train.grad_clip)
         client = make_optimizer(module)
-        _check_combination(cfg, self.stage, client, half_precision_sections(config))
+        _check_combination(cfg, self.stage, client, half_precision_sections(config),
+                           getattr(module, "constrains_weights", False))
         if info.is_main:
             for note in notes:
                 warnings.warn(note, stacklevel=2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,8 +28,24 @@ from megatron_lowp.parallel.dist import DistInfo
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do, for the recipe and the loop to check instead of engine names."""
+
+    # torch.autograd.grad on the unwrapped module gives this rank's gradients without side effects
+    # (what the gradient-noise monitor needs); FSDP and ZeRO own their parameters' backward.
+    plain_module_gradients: bool = True
+
+
 class Engine:
     name = "single"
+    capabilities = EngineCapabilities()
+
+    @classmethod
+    def from_config(cls, cfg, module: nn.Module, make_optimizer: OptimizerFactory, device, recipe,
+                    info: DistInfo) -> Engine:
+        """The engine for a run (each engine takes what it needs of the config, device and recipe)."""
+        return cls(module, make_optimizer, info)
 
     def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo):
         self.module = module

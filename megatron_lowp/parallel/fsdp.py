@@ -18,11 +18,17 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from megatron_lowp.parallel.dist import DistInfo
-from megatron_lowp.parallel.engine import Engine, OptimizerFactory
+from megatron_lowp.parallel.engine import Engine, EngineCapabilities, OptimizerFactory
 
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    capabilities = EngineCapabilities(plain_module_gradients=False)
+
+    @classmethod
+    def from_config(cls, cfg, module, make_optimizer, device, recipe, info):
+        param_dtype = None if cfg.parallel.fsdp_param_dtype == "fp32" else recipe.autocast_dtype
+        return cls(module, make_optimizer, info, device.type, param_dtype)
 
     def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo, device_type: str,
                  param_dtype: torch.dtype | None):

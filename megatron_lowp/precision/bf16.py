@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from megatron_lowp.errors import UserError
 from megatron_lowp.precision.recipe import PrecisionRecipe, mlp_activation, register_recipe
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,10 @@ log = logging.getLogger(__name__)
 
 @register_recipe("bf16")
 def bf16_recipe(cfg, device) -> PrecisionRecipe:
+    q = cfg.precision.qaf
+    if q.auto or any(v is not None for v in (q.start_step, q.start_tokens, q.start_fraction)):
+        raise UserError("precision.qaf: recipe 'bf16' quantizes no linear layer, so there is nothing to finetune "
+                        "for; QAF needs a quantized recipe (fp4, fp8, custom)")
     activation = mlp_activation(cfg.precision)
     if device.supports_autocast(torch.bfloat16):
         return PrecisionRecipe(name="bf16", autocast_dtype=torch.bfloat16, mlp_activation=activation)

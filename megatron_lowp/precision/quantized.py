@@ -16,6 +16,7 @@ from torch import nn
 
 from megatron_lowp.config.schema import RoleConfig
 from megatron_lowp.errors import UserError
+from megatron_lowp.precision.lifecycle import LifecycleSettings, QuantizedLifecycle
 from megatron_lowp.precision.quantized_linear import QuantizedLinear
 from megatron_lowp.precision.recipe import PrecisionRecipe, mlp_activation, register_recipe
 from megatron_lowp.precision.spec import ROLES, GemmSpecs, QuantSpec
@@ -46,7 +47,10 @@ def role_spec(role: RoleConfig, key: str = "precision.<role>", e4m3_max: float =
 
 
 @dataclass
-class QuantizedRecipe(PrecisionRecipe):
+class QuantizedRecipe(QuantizedLifecycle, PrecisionRecipe):
+    """Every linear a QuantizedLinear with `specs`, except the ones kept in high precision; its
+    lifecycle (QAF, monitors, telemetry, amax commits) comes from precision/lifecycle.py."""
+
     specs: GemmSpecs = field(default_factory=GemmSpecs)
     high_precision: tuple[str, ...] = ("lm_head",)
     first_blocks: int = 0
@@ -54,6 +58,10 @@ class QuantizedRecipe(PrecisionRecipe):
     n_layers: int = 0
     seed: int = 0
     backend: str = "emulated"
+    settings: LifecycleSettings | None = None
+
+    def __post_init__(self) -> None:
+        self.init_lifecycle()
 
     def keeps_high_precision(self, name: str) -> bool:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.high_precision):
@@ -85,6 +93,7 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
         specs=specs, high_precision=tuple(p.high_precision),
         first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
         n_layers=cfg.model.n_layers, seed=cfg.run.seed, backend=p.backend,
+        settings=LifecycleSettings.from_config(cfg),
     )
 
 
@@ -96,14 +105,19 @@ def recipe_from_roles(cfg, device) -> QuantizedRecipe:
 
 
 register_recipe("custom")(recipe_from_roles)
-register_recipe("fp8")(recipe_from_roles)  # its roles, Smooth-SwiGLU and delayed scales: configs/precision/fp8.yaml
-register_recipe("fp4")(recipe_from_roles)  # NVFP4 split rounding, Smooth-SwiGLU, QAF: configs/precision/fp4.yaml
+# Their roles, Smooth-SwiGLU, delayed scales, QAF ... are YAML defaults: configs/precision/<name>.yaml
+register_recipe("fp8", needs_package=True)(recipe_from_roles)
+register_recipe("fp4", needs_package=True)(recipe_from_roles)
 
 
-@register_recipe("ngpt_fp4")
+@register_recipe("ngpt_fp4", needs_package=True)
 def ngpt_fp4_recipe(cfg, device) -> QuantizedRecipe:
     """NVFP4 with fixed tensor scales: only sound on nGPT, whose forward operands are bounded by 1."""
     if cfg.model.arch != "ngpt":
         raise UserError(f"precision.recipe: 'ngpt_fp4' needs model.arch: ngpt (not {cfg.model.arch}): its fixed "
                         "NVFP4 tensor scale (amax = 1) is exact only for nGPT's unit-norm operands; use fp4 instead")
+    if not cfg.model.ngpt_normalize_down_inputs:
+        raise UserError("model.ngpt_normalize_down_inputs: false leaves the inputs of attn.out and mlp.down off the "
+                        "unit sphere (amax 7.6-16 measured), and recipe 'ngpt_fp4' quantizes them with a fixed NVFP4 "
+                        "tensor scale (amax = 1), which would clip them; keep it true, or use precision.recipe=fp4")
     return recipe_from_roles(cfg, device)
