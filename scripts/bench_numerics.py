@@ -1,11 +1,14 @@
 """Benchmark the numerics: quantizer throughput per format and rounding, and the quantized linear's
 forward+backward time against nn.Linear, on one device. Prints tables and writes JSON.
 
-    python scripts/bench_numerics.py [--device auto|cpu|cuda|hpu] [--elements N] [--out FILE.json]
+    python scripts/bench_numerics.py [--device auto|cpu|cuda|hpu] [--elements N] [--sizes 4096x4096x4096 ...]
+        [--out FILE.json]
 
 Quantizer bandwidth counts the bytes read (input) and written (output of the same dtype, as
 fake_quantize returns) and is compared with a plain device-to-device copy of the same tensor,
-measured in the same run: the copy is the ceiling a memory-bound kernel can reach.
+measured in the same run: the copy is the ceiling a memory-bound kernel can reach. Where the fused
+Triton kernels run, a second table times them alone (scales given, as delayed scaling gives them):
+bytes read (the BF16 input) plus bytes written (FP8 codes, or packed E2M1 codes and E4M3 block scales).
 """
 
 from __future__ import annotations
@@ -28,17 +31,24 @@ from megatron_lowp.numerics import FORMATS, SRGenerator, fake_quantize  # noqa: 
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec  # noqa: E402
 
 
-def timed(fn, device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of fn() over repeats, after warmup calls, with the device synchronized."""
+def timed(fn, device, repeats: int, warmup: int = 2, min_seconds: float = 0.005) -> float:
+    """Median seconds of fn() over repeats, after warmup calls, with the device synchronized. A
+    repeat runs fn enough times back to back to last min_seconds, so that one synchronize's latency
+    does not count against a kernel of a few microseconds."""
     for _ in range(warmup):
         fn()
     device.synchronize()
+    start = time.perf_counter()
+    fn()
+    device.synchronize()
+    inner = max(1, min(1000, int(min_seconds / max(time.perf_counter() - start, 1e-9))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         device.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
 
@@ -56,6 +66,30 @@ def bench_quantizers(device, elements: int, dtype: torch.dtype, repeats: int) ->
                       device, repeats)
             rows.append({"op": f"fake_quantize {fmt}", "rounding": rounding, "seconds": s,
                          "elements_per_s": x.numel() / s, "GB_per_s": moved / s / 1e9, "vs_copy": copy_s / s})
+    return rows
+
+
+def bench_kernels(device, x: torch.Tensor, copy_gbs: float, repeats: int) -> list[dict]:
+    """The fused Triton quantizers alone, where they run compiled on x's device (else no rows: the
+    CPU's Triton interpreter is for tests, not timings)."""
+    from megatron_lowp.device import triton_kernels_usable
+    from megatron_lowp.numerics import triton_kernels as tk
+    from megatron_lowp.numerics.formats import E4M3, E5M2
+
+    if x.device.type == "cpu" or not triton_kernels_usable(x):
+        return []
+    scale = torch.ones((), dtype=torch.float32, device=x.device)
+    calls = {("fp8_e4m3", 1.0): lambda r, g: tk.fp8_quantize(x, scale, E4M3, r, g),
+             ("fp8_e5m2", 1.0): lambda r, g: tk.fp8_quantize(x, scale, E5M2, r, g),
+             ("nvfp4", 0.5 + 1 / 16): lambda r, g: tk.nvfp4_quantize(x, scale, r, g)}
+    rows = []
+    for (fmt, out_bytes), call in calls.items():
+        moved = x.numel() * (x.element_size() + out_bytes)
+        for rounding in ("nearest", "stochastic"):
+            gen = SRGenerator(0)
+            s = timed(lambda call=call, rounding=rounding, gen=gen: call(rounding, gen), device, repeats)
+            rows.append({"op": f"triton {fmt}", "rounding": rounding, "seconds": s, "elements_per_s": x.numel() / s,
+                         "GB_per_s": moved / s / 1e9, "vs_copy": moved / s / 1e9 / copy_gbs})
     return rows
 
 
@@ -108,24 +142,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--elements", type=int, default=None,
                         help="quantizer input size (default: 128 Mi BF16 elements = 256 MiB on accelerators, 16 Mi (32 MiB, past the caches) on CPU)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench_numerics.json")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="TOKENSxKxN",
+                        help="linear layer shapes (default: 512 and 1024 cubed on CPU; 4096^3 and 8192x4096->11008 elsewhere)")
+    parser.add_argument("--out", default="bench/bench_numerics.json")
     args = parser.parse_args(argv)
     device = get_device(args.device)
     on_cpu = device.capabilities.name == "cpu"
     elements = args.elements or (16 * 2**20 if on_cpu else 128 * 2**20)
     sizes = [(512, 512, 512), (1024, 1024, 1024)] if on_cpu else [(4096, 4096, 4096), (8192, 4096, 11008)]
+    if args.sizes:
+        sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
     autocast_dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
     print(f"device: {device.capabilities.name}; torch {torch.__version__}; input {elements:,} bf16 elements")
 
     quant = bench_quantizers(device, elements, torch.bfloat16, args.repeats)
     print_table(quant, ["op", "rounding", "seconds", "elements_per_s", "GB_per_s", "vs_copy"])
     print()
+    cols = 4096 if elements >= 4096 * 32 else 256  # as bench_quantizers shapes its input
+    x = torch.randn(elements // cols, cols, device=device.torch_device, dtype=torch.bfloat16)
+    kernels = bench_kernels(device, x, quant[0]["GB_per_s"], args.repeats)
+    if kernels:
+        print("fused kernels alone (bytes read + written, against the copy above):")
+        print_table(kernels, ["op", "rounding", "seconds", "elements_per_s", "GB_per_s", "vs_copy"])
+    else:
+        print("fused kernels: not usable on this device here (the torch path serves every call)")
+    print()
     linears = bench_linears(device, sizes, autocast_dtype, args.repeats)
     print_table(linears, ["size", "layer", "seconds", "vs_linear"])
 
     result = {"device": device.capabilities.name, "torch": torch.__version__, "python": platform.python_version(),
-              "host": platform.node(), "elements": elements, "quantizers": quant, "linears": linears,
+              "host": platform.node(), "elements": elements, "quantizers": quant, "kernels": kernels, "linears": linears,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")
     return 0

@@ -1,16 +1,24 @@
 """Training throughput of precision recipes, side by side in one process.
 
     python scripts/bench_train.py recipes/tiny/bf16.yaml --recipes bf16 fp8 fp4 --steps 5 --rounds 3 \\
-        --out bench_train.json [override ...]
+        [--out bench/my-run] [override ...]
 
 Every recipe trains the same model on the same data (the recipe file, with precision.recipe set to
 each name; `ngpt_fp4` style recipes that need another architecture take their own file with
---recipe-file NAME=PATH). After --warmup steps per recipe, the recipes take turns for --rounds rounds
-of --steps steps each, so drift in machine load hits them alike; the table reports the median round.
+--recipe-file NAME=PATH). An entry of --recipes may carry a label, LABEL=RECIPE, and --set LABEL
+KEY=VALUE gives one entry its own overrides, so one recipe can run in several variants:
+
+    --recipes bf16 fp8 bf16-nondet=bf16 --set fp8 precision.backend=native --set bf16-nondet device.deterministic=false
+
+After --warmup steps per entry, the entries take turns for --rounds rounds of --steps steps each, so
+drift in machine load hits them alike; the table reports the median round. Each entry's
+device.deterministic is applied before its turn (torch's switch is process-wide). --time-limit stops
+the rounds early (after at least one) once the script has run that long.
 Columns: tokens/s, step time, model FLOPs utilization against the device's dense BF16 peak
-(6 N + 12 L d s FLOPs per token; n/a where the peak is unknown, e.g. CPUs), peak memory (per recipe
-on accelerators; on the CPU the whole process's peak RSS), and each
-recipe's step time and tokens/s relative to the first recipe (normally bf16). Writes JSON.
+(6 N + 12 L d s FLOPs per token; n/a where the peak is unknown, e.g. CPUs), peak memory (per entry
+on accelerators; on the CPU the whole process's peak RSS), and each entry's step time and tokens/s
+relative to the first entry (normally bf16). Writes bench_train.json and bench_train.md into --out
+(default: a new folder under bench/).
 """
 
 from __future__ import annotations
@@ -18,13 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from megatron_lowp.config import load_config
-from megatron_lowp.precision import available_recipes
-from megatron_lowp.train.loop import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_lowp.config import load_config  # noqa: E402
+from megatron_lowp.config.schema import TrainConfig  # noqa: E402
+from megatron_lowp.precision import available_recipes  # noqa: E402
+from megatron_lowp.train.loop import Trainer  # noqa: E402
 
 
 def flops_per_token(model, cfg) -> float:
@@ -34,9 +47,29 @@ def flops_per_token(model, cfg) -> float:
     return 6 * model.num_params(exclude_embeddings=True) + 12 * m.n_layers * m.d_model * cfg.train.seq_len
 
 
-def build(recipe_file: Path, name: str, overrides: list[str], out_dir: str) -> Trainer:
-    cfg = load_config(recipe_file, [*overrides, f"precision.recipe={name}", f"run.out_dir={out_dir}",
-                                    f"run.name=bench-{name}", "run.resume=never", "train.eval_every=0",
+def compile_key_exists() -> bool:
+    """Whether the schema has train.compile (torch.compile of the model), so variants can use it."""
+    return any(f.name == "compile" for f in fields(TrainConfig))
+
+
+def parse_variants(entries: list[str], sets: list[list[str]]) -> dict[str, tuple[str, list[str]]]:
+    """--recipes entries (RECIPE or LABEL=RECIPE) and --set LABEL KEY=VALUE pairs -> {label: (recipe, overrides)}."""
+    variants: dict[str, tuple[str, list[str]]] = {}
+    for entry in entries:
+        label, _, recipe = entry.partition("=")
+        if label in variants:
+            raise SystemExit(f"bench_train: --recipes names {label!r} twice; give one of them a label (LABEL=RECIPE)")
+        variants[label] = (recipe or label, [])
+    for label, override in sets:
+        if label not in variants:
+            raise SystemExit(f"bench_train: --set {label}: no such entry in --recipes ({', '.join(variants)})")
+        variants[label][1].append(override)
+    return variants
+
+
+def build(recipe_file: Path, label: str, recipe: str, overrides: list[str], out_dir: str) -> Trainer:
+    cfg = load_config(recipe_file, [*overrides, f"precision.recipe={recipe}", f"run.out_dir={out_dir}",
+                                    f"run.name=bench-{label}", "run.resume=never", "train.eval_every=0",
                                     "train.checkpoint_every=0", "logging.progress=false"],
                       extra_choices={"precision.recipe": available_recipes()})
     return Trainer(cfg)
@@ -50,6 +83,7 @@ def peak_memory(trainer: Trainer) -> int:
 
 
 def timed_steps(trainer: Trainer, steps: int) -> float:
+    trainer.device.set_deterministic(trainer.cfg.device.deterministic)  # process-wide: this entry's own
     trainer.device.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
@@ -59,57 +93,87 @@ def timed_steps(trainer: Trainer, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+def markdown(rows: list[dict], header: str) -> str:
+    base = rows[0]["label"]
+    lines = [header, "",
+             f"| entry | recipe | tokens/s | step time (s) | MFU | peak memory (MiB) | step time vs {base} | "
+             f"tokens/s vs {base} |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['label']} | {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {mfu} | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['step_time_vs_first']:.2f}x | "
+                     f"{r['tokens_per_s_vs_first']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe_file", type=Path)
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every recipe")
-    parser.add_argument("--recipes", nargs="+", default=["bf16", "fp8", "fp4"])
+    parser.add_argument("--recipes", nargs="+", default=["bf16", "fp8", "fp4"], help="RECIPE or LABEL=RECIPE")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("LABEL", "KEY=VALUE"), dest="sets",
+                        help="an override for one entry of --recipes only (repeatable)")
     parser.add_argument("--recipe-file", action="append", default=[], metavar="NAME=PATH", dest="own_files",
-                        help="a recipe that needs its own file (e.g. ngpt_fp4=recipes/tiny/ngpt_fp4.yaml)")
+                        help="an entry (label or recipe) that needs its own file (e.g. ngpt_fp4=recipes/tiny/ngpt_fp4.yaml)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench_train.json"))
-    args = parser.parse_args()
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no further round once the script has run this long (at least one round runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for bench_train.json and bench_train.md (default: bench/train-<date>-<time>)")
+    args = parser.parse_args(argv)
+    out = args.out or Path("bench") / time.strftime("train-%Y%m%d-%H%M%S")
+    variants = parse_variants(args.recipes, args.sets)
     files = dict(item.split("=", 1) for item in args.own_files)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: build(Path(files.get(name, args.recipe_file)), name, args.overrides, tmp)
-                    for name in args.recipes}
+        trainers = {label: build(Path(files.get(label, files.get(recipe, args.recipe_file))), label, recipe,
+                                 [*args.overrides, *own], tmp)
+                    for label, (recipe, own) in variants.items()}
         for trainer in trainers.values():
             timed_steps(trainer, args.warmup)
-        times: dict[str, list[float]] = {name: [] for name in trainers}
+        times: dict[str, list[float]] = {label: [] for label in trainers}
         peaks: dict[str, int] = dict.fromkeys(trainers, 0)
-        for _ in range(args.rounds):
-            for name, trainer in trainers.items():
+        for i in range(args.rounds):
+            round_start = time.perf_counter()
+            for label, trainer in trainers.items():
                 trainer.device.reset_peak_memory()
-                times[name].append(timed_steps(trainer, args.steps))
-                peaks[name] = max(peaks[name], peak_memory(trainer))
+                times[label].append(timed_steps(trainer, args.steps))
+                peaks[label] = max(peaks[label], peak_memory(trainer))
+            now = time.perf_counter()
+            if args.time_limit is not None and i + 1 < args.rounds and now + (now - round_start) - started > args.time_limit:
+                print(f"--time-limit {args.time_limit:g} s: stopping after {i + 1} of {args.rounds} rounds")
+                break
         rows = []
-        for name, trainer in trainers.items():
+        for label, trainer in trainers.items():
             cfg, caps = trainer.cfg, trainer.device.capabilities
-            step_s = statistics.median(times[name])
+            step_s = statistics.median(times[label])
             tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / step_s
             peak = caps.peak_bf16_flops
             mfu = flops_per_token(trainer.model, cfg) * tokens_per_s / peak if peak else None
-            rows.append({"recipe": name, "device": caps.name, "step_s": step_s, "tokens_per_s": tokens_per_s,
-                         "mfu": mfu, "peak_memory_bytes": peaks[name],
-                         "params": trainer.model.num_params(), "rounds_s": times[name]})
+            rows.append({"label": label, "recipe": cfg.precision.recipe, "device": caps.name, "step_s": step_s,
+                         "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_bytes": peaks[label],
+                         "params": trainer.model.num_params(), "rounds_s": times[label],
+                         "preset": cfg.model.preset, "seq_len": cfg.train.seq_len,
+                         "micro_batch_size": cfg.train.micro_batch_size,
+                         "global_batch_size": cfg.train.global_batch_size,
+                         "deterministic": cfg.device.deterministic, "backend": cfg.precision.backend,
+                         "compile": getattr(cfg.train, "compile", None),
+                         "overrides": [*args.overrides, *variants[label][1]]})
     base = rows[0]
     for r in rows:
         r["step_time_vs_first"] = r["step_s"] / base["step_s"]
         r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
-    print(f"device: {rows[0]['device']}; {args.rounds} rounds x {args.steps} steps per recipe after "
-          f"{args.warmup} warm-up steps; median round")
-    print(f"| recipe | tokens/s | step time (s) | MFU | peak memory (MiB) | step time vs {base['recipe']} | "
-          f"tokens/s vs {base['recipe']} |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {mfu} | "
-              f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['step_time_vs_first']:.2f}x | {r['tokens_per_s_vs_first']:.2f}x |")
-    args.out.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {args.out}")
+    table = markdown(rows, f"device: {base['device']}; {len(base['rounds_s'])} rounds x {args.steps} steps per "
+                           f"entry after {args.warmup} warm-up steps; median round")
+    print(table, end="")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps(rows, indent=1))
+    (out / "bench_train.md").write_text(table)
+    print(f"wrote {out}/bench_train.json and bench_train.md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
