@@ -11,7 +11,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_lowp", "megatron_lowp.*"]),
-    package_data={"megatron_lowp.data": ["corpus/*"]},
+    # Everything read at run time ships inside the package: the corpus, model presets, recipe packages
+    # and DeepSpeed presets (tests/test_wheel.py installs the wheel outside the checkout to check).
+    package_data={"megatron_lowp": ["configs/*/*.yaml", "configs/*/*.json"], "megatron_lowp.data": ["corpus/*"]},
     install_requires=[
         "torch>=2.5",
         "matplotlib",

@@ -37,8 +37,11 @@ def cmd_train(args) -> int:
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
-    plot = plot_loss({cfg.run.name: read_jsonl(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
-                     title=f"{cfg.run.name} ({cfg.precision.recipe})")
+    try:
+        plot = plot_loss({cfg.run.name: read_jsonl(result.run_dir / "metrics.jsonl")}, result.run_dir / "loss.png",
+                         title=f"{cfg.run.name} ({cfg.precision.recipe})")
+    except OSError as e:  # the run and its checkpoint are complete: a picture that cannot be written is no failure
+        plot = f"not drawn ({e.strerror or e})"
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(
         f"done: step {result.step}, {result.tokens:,} tokens, loss {result.loss:.4f}{val}, "
@@ -51,8 +54,17 @@ def cmd_train(args) -> int:
 
 def cmd_config(args) -> int:
     from megatron_lowp.config import dump_config
+    from megatron_lowp.data.tokenizer import Tokenizer, resolve_vocab_size
 
-    print(dump_config(_load(args)), end="")
+    cfg = _load(args)
+    try:  # as training resolves it; a tokenizer not on this machine cannot resolve a null, so say so
+        tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    except UserError as e:
+        if cfg.model.vocab_size is None:
+            print(f"megatron-lowp: note: model.vocab_size stays null: {e}", file=sys.stderr)
+    else:
+        cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, tokenizer, cfg.data.tokenizer)
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -308,9 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"megatron-lowp: error: no space left on device writing {e.filename or 'a file'}; free some space "
-              "and run the same command again", file=sys.stderr)
-        return 2
+        return _fail(f"megatron-lowp: error: no space left on device writing {e.filename or 'a file'}; free some "
+                     "space and run the same command again", 2)
 
 
 if __name__ == "__main__":

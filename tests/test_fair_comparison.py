@@ -124,7 +124,7 @@ def test_data_prepared_with_another_tokenizer_is_an_error_with_an_override(tmp_p
     text.write_text("".join(json.dumps({"text": f"document {i} about hackers and jargon {i * 7}"}) + "\n"
                             for i in range(400)))
     other = tmp_path / "other.model"
-    train_tokenizer(TokenizerTrainConfig(inputs=[str(text)], vocab_size=4096, output=str(other), threads=1,
+    train_tokenizer(TokenizerTrainConfig(inputs=[str(text)], vocab_size=300, output=str(other), threads=1,
                                          model_type="bpe"))
     prepare(PrepareConfig(inputs=[str(text)], tokenizer=str(other), output_prefix=str(tmp_path / "d"),
                           valid_fraction=0.1, workers=0, progress=False))
@@ -229,7 +229,7 @@ def test_training_logs_its_thread_count(tmp_path, capsys):
     before = torch.get_num_threads()
     try:
         assert cli.main(["train", str(REPO / "recipes/quickstart.yaml"), *SMALL, f"run.out_dir={tmp_path}",
-                         "train.steps=1", "train.eval_every=0", "device.cpu_threads=1", "logging.progress=false"]) == 0
+                         "train.steps=2", "train.eval_every=0", "device.cpu_threads=1", "logging.progress=false"]) == 0
         assert "CPU threads: 1 per process (device.cpu_threads)" in capsys.readouterr().out
         assert torch.get_num_threads() == 1
     finally:

@@ -21,10 +21,13 @@ from megatron_lowp.config.schema import Config
 from megatron_lowp.errors import UserError
 
 COMMAND_LINE = "command line"
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# Shipped inside the package (megatron_lowp/configs; the repository's top-level configs/ is a link to
+# it, so the files people read and edit are the ones that ship).
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_DIR = CONFIGS_DIR / "model"
 # A named precision recipe's package (e.g. fp8: its role formats, Smooth-SwiGLU, FP8 moments), as
 # defaults under whatever the recipe file or the command line sets, so each part can be switched off.
-RECIPE_DEFAULTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "precision"
+RECIPE_DEFAULTS_DIR = CONFIGS_DIR / "precision"
 
 
 def read_yaml(path: Path) -> dict:
@@ -151,6 +154,12 @@ def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> N
         del values[key], sources[key]
     path = RECIPE_DEFAULTS_DIR / f"{name}.yaml"
     if not isinstance(name, str) or not path.is_file():
+        from megatron_lowp.precision import recipes_with_packages  # the registry, read when a recipe is loaded
+
+        if name in recipes_with_packages():  # never train something else under the recipe's name
+            raise UserError(f"{sources.get('precision.recipe', 'default')}: precision.recipe: '{name}' needs its "
+                            f"package {path}, which is missing from this installation (a broken install: "
+                            "reinstall megatron-lowp)")
         return
     _fill_defaults(values, sources, path)
 

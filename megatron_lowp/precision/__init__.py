@@ -17,6 +17,7 @@ from megatron_lowp.precision.recipe import (
     PrecisionRecipe,
     available_recipes,
     build_recipe,
+    recipes_with_packages,
     register_recipe,
 )
 from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
@@ -24,5 +25,5 @@ from megatron_lowp.precision.spec import ROLE_AXIS, ROLES, GemmSpecs, QuantSpec
 __all__ = [
     "ROLES", "ROLE_AXIS", "GemmSpecs", "LinearFactory", "PrecisionRecipe", "QuantSpec", "QuantizedLinear",
     "QuantizedLinearFunction", "QuantizedRecipe", "available_recipes", "build_recipe", "commit_amax_histories", "discard_amax_observations",
-    "high_precision_backward", "register_recipe", "role_spec", "set_high_precision_backward", "set_sr_rank",
+    "high_precision_backward", "recipes_with_packages", "register_recipe", "role_spec", "set_high_precision_backward", "set_sr_rank",
 ]

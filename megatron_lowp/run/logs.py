@@ -70,8 +70,13 @@ class JsonlLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        self._file.write("".join(encode_row(r) for r in rows))
-        self._file.flush()
+        if not rows:
+            return
+        try:
+            self._file.write("".join(encode_row(r) for r in rows))
+            self._file.flush()
+        except OSError as e:  # e.g. a full disk: name the file (a buffered write's error names none)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def log(self, row: dict[str, Any]) -> None:
         self.write([row])
