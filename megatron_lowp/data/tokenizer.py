@@ -68,3 +68,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+def resolve_vocab_size(vocab_size: int | None, tokenizer: Tokenizer, name: str) -> int:
+    """model.vocab_size as the model is built: null follows the tokenizer (`name`, as the recipe
+    gives it); a set value smaller than the tokenizer's vocabulary is an error. Training and
+    `megatron-lowp config` both resolve it here."""
+    if vocab_size is None:
+        return tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size: {vocab_size} is smaller than the tokenizer's vocabulary "
+                        f"({tokenizer.vocab_size}, {name}); leave it null to follow the tokenizer")
+    return vocab_size
