@@ -13,7 +13,7 @@ from megatron_lowp.device import get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.numerics import quantize
 from megatron_lowp.numerics.stats import quantization_stats
-from megatron_lowp.optim import qaf_lr_at
+from megatron_lowp.optim import lr_at, qaf_lr_at
 from megatron_lowp.precision import QuantizedLinear, available_recipes, build_recipe
 from megatron_lowp.run.logs import read_jsonl
 from megatron_lowp.train import train
@@ -43,6 +43,23 @@ def test_qaf_schedule_rewarms_then_decays_to_min_lr(repo):
     assert lrs[:3] == pytest.approx([q.lr / 3, 2 * q.lr / 3, q.lr])  # 3-step linear re-warmup to 3e-4
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # then only down
     assert lrs[-1] == pytest.approx(o.min_lr)
+
+
+@pytest.mark.parametrize("main_decay", ["full", "run"])
+def test_the_main_cosine_reaches_min_lr_before_qaf_by_default(repo, tmp_path, main_decay):
+    """As in the paper, the main run has decayed when QAF starts (main_decay: full, the default);
+    main_decay: run keeps the cosine over all train.steps, which QAF cuts off above min_lr."""
+    cfg = small_cfg(repo, tmp_path, "precision.recipe=fp4", "train.steps=12", "optim.warmup_steps=2",
+                    "precision.qaf.start_step=9", "precision.qaf.warmup_steps=2", "train.eval_every=0",
+                    "train.checkpoint_every=0", f"precision.qaf.main_decay={main_decay}")
+    rows = {r["step"]: r["lr"] for r in read_jsonl(train(cfg).run_dir / "metrics.jsonl")}
+    o = cfg.optim
+    if main_decay == "full":
+        assert rows[8] == pytest.approx(o.min_lr)  # the step before QAF
+        assert rows[5] == pytest.approx(lr_at(5, o, 8))
+    else:
+        assert rows[8] == pytest.approx(lr_at(8, o, 12)) and rows[8] > 1.5 * o.min_lr
+    assert rows[9] == pytest.approx(qaf_lr_at(9, 9, cfg.precision.qaf, o, 12))  # QAF's own re-warmup either way
 
 
 def test_qaf_switch_is_logged_checkpointed_and_survives_resume(repo, tmp_path):

@@ -97,7 +97,7 @@ class QafConfig:
     # The main schedule before a planned switch: "full" decays it to optim.min_lr at the step before
     # QAF (the paper: the main run has decayed when the finetune starts); "run" keeps it over all
     # train.steps, so QAF cuts it off before it decays.
-    main_decay: str = choice("run", "full", "run")
+    main_decay: str = choice("full", "full", "run")
 
 
 @dataclass
