@@ -246,9 +246,101 @@ def test_nvfp4_fixed_amax_build_trains():
 
 @pytest.mark.parametrize("activation", ["smooth_swiglu", "smooth_swiglu_channel"])
 def test_smooth_swiglu_is_accepted_and_ignored(activation):
+    """nGPT builds no Smooth-SwiGLU (the same parameters and function), and it needs none: FNGPT's
+    per-token N(.) of the down input cancels any positive per-token scale, the per-token
+    Smooth-SwiGLU exactly."""
     tokens = batch()
-    smooth = model(recipe=PrecisionRecipe("bf16", None, mlp_activation=activation))
-    assert torch.equal(smooth(tokens), model()(tokens))
+    smooth, plain = model(recipe=PrecisionRecipe("bf16", None, mlp_activation=activation)), model()
+    assert [n for n, _ in smooth.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert torch.equal(smooth(tokens), plain(tokens))
+    mlp = plain.layers[0].mlp
+    captured = []
+    mlp.down.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    h = F.normalize(torch.randn(2, 16, 64), dim=-1)
+    mlp(h)
+    token_scale = torch.rand(2, 16, 1) * 10 + 0.1
+    a = captured[0]  # N(silu(v) * u): unit norm per token
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2, 16), atol=1e-5, rtol=0)
+    from megatron_lowp.model.ngpt import justnorm
+    torch.testing.assert_close(justnorm(a * token_scale), a, atol=1e-5, rtol=0)
+
+
+# --- against an independent reference of the papers' formulas ------------------------------------------
+# The checks above compare the model with itself; these compute nGPT's update, its initial step size
+# and its weight axes from the formulas, at the paper's parametrization (init_std = 1/sqrt(d_model))
+# and at 0.02. Each catches a wrong model that once passed the others: the plain residual
+# N(h + a N(y)), an effective initial alpha of 1 instead of 0.05, qkv normalized along the wrong axis.
+PAPER_STD = 1 / math.sqrt(64)
+# Megatron layout [out, in]: projections reading the hidden state have unit rows (dim 1), the ones
+# writing into it unit columns (dim 0); embedding and lm_head [vocab, d_model] unit rows.
+PAPER_AXES = {"embed.weight": 1, "lm_head.weight": 1, "attn.qkv.weight": 1, "mlp.gate.weight": 1,
+              "mlp.up.weight": 1, "attn.out.weight": 0, "mlp.down.weight": 0}
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.double(), dim=-1, eps=0.0)
+
+
+@pytest.mark.parametrize("init_std", [0.02, PAPER_STD])
+def test_the_residual_update_interpolates_on_the_sphere_with_alpha_0_05(init_std):
+    """h <- N(h + alpha (N(y) - h)) with alpha = ngpt_alpha_init = 0.05 at init, per dimension."""
+    block = model(init_std=init_std).layers[0]
+    g = torch.Generator().manual_seed(3)
+    h = unit(torch.randn(2, 5, 64, generator=g)).float()
+    y = torch.randn(2, 5, 64, generator=g) * 7
+    expected = unit(h.double() + 0.05 * (unit(y) - h.double()))
+    for alpha in (block.attn_alpha, block.mlp_alpha):
+        torch.testing.assert_close(block.step(h, y, alpha).double(), expected, atol=2e-6, rtol=0)
+    # a trained alpha moves the step: alpha_param * (0.05 / init_std), per dimension
+    with torch.no_grad():
+        block.attn_alpha.mul_(torch.linspace(0.5, 3.0, 64))
+    alpha = torch.linspace(0.5, 3.0, 64).double() * 0.05
+    torch.testing.assert_close(block.step(h, y, block.attn_alpha).double(),
+                               unit(h.double() + alpha * (unit(y) - h.double())), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init_std", [0.02, PAPER_STD])
+def test_a_block_is_two_interpolation_steps(init_std):
+    m = model(init_std=init_std)
+    train(m, batch(), 2)  # parameters away from their init
+    block = m.layers[1]
+    h = unit(torch.randn(2, 16, 64)).float()
+    cos, sin = m.rope_cos[:16], m.rope_sin[:16]
+    with torch.no_grad():
+        a_attn = (block.attn_alpha.double() * 0.05 / init_std).abs()
+        h1 = unit(h.double() + a_attn * (unit(block.attn(h, cos, sin)) - h.double()))
+        a_mlp = (block.mlp_alpha.double() * 0.05 / init_std).abs()
+        h2 = unit(h1 + a_mlp * (unit(block.mlp(h1.float())) - h1))
+        torch.testing.assert_close(block(h, cos, sin).double(), h2, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init_std", [0.02, PAPER_STD])
+def test_weights_are_unit_along_the_papers_axes(init_std):
+    m = model(init_std=init_std)
+    train(m, batch(), 2)
+    checked = 0
+    for name, p in m.named_parameters():
+        axis = next((a for suffix, a in PAPER_AXES.items() if name == suffix or name.endswith("." + suffix)), None)
+        if axis is None:
+            continue
+        checked += 1
+        norms = p.detach().double().norm(dim=axis)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0, msg=name)
+        other = p.detach().double().norm(dim=1 - axis)
+        assert (other - 1).abs().max() > 1e-2, f"{name}: unit along both axes?"
+    assert checked == 2 + 5 * 2
+
+
+@pytest.mark.parametrize("init_std", [0.02, PAPER_STD])
+def test_the_scalars_start_at_their_papers_values(init_std):
+    """Effective values at init: alpha 0.05, s_qk 1, s_z 1, s_u = s_v = 1 (times sqrt(d_model) in use)."""
+    m = model(init_std=init_std)
+    for block in m.layers:
+        for alpha in (block.attn_alpha, block.mlp_alpha):
+            torch.testing.assert_close((alpha * (0.05 / init_std)).abs(), torch.full((64,), 0.05))
+        torch.testing.assert_close(block.attn.sqk / init_std, torch.ones(64))
+        torch.testing.assert_close(block.mlp.su, torch.ones(128))
+    torch.testing.assert_close(m.sz / init_std, torch.ones(VOCAB))
 
 
 def test_invalid_combinations():
