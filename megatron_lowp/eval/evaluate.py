@@ -28,6 +28,7 @@ from megatron_lowp.data import Tokenizer, build_validation_set, sequence_losses
 from megatron_lowp.device import Device, get_device, set_cpu_threads
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model
+from megatron_lowp.model.kv_cache import KVCache
 from megatron_lowp.precision import PrecisionRecipe, available_recipes, build_recipe
 from megatron_lowp.run.atomic import write_text_atomic
 from megatron_lowp.run.checkpoint import meta_value, verify
@@ -121,21 +122,30 @@ def evaluate(path: Path, data: str | None = None, samples: int | None = None, bf
 @torch.no_grad()
 def continue_tokens(loaded: Loaded, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, generator: torch.Generator | None = None,
-                    stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+                    stop: Callable[[list[int]], bool] | None = None, use_cache: bool = True) -> list[int]:
     """The token ids that follow `ids`: greedy with temperature 0, else sampled from
     softmax(logits / temperature), optionally among the top_k tokens. Ends at EOS (which is kept),
-    after max_new_tokens, or when stop(new_ids) is true. The context is cut from the left to the
-    model's window. Recomputes the whole window each step (no KV cache): for a quick look and for
-    small-model evaluation, not for serving."""
+    after max_new_tokens, or when stop(new_ids) is true.
+
+    With use_cache (model/kv_cache.py): one forward over the prompt, then one token per step. Once
+    the sequence is longer than the model's window (model.max_seq_len), the context is cut from the
+    left to the window and recomputed at every step, as use_cache=False does throughout: the cut
+    window's positions shift by one each step, so no cached key stays valid. In BF16/FP32 the two
+    paths give the same tokens; low-precision recipes take per-tensor scales over the tokens of
+    each forward, which is the new token alone with the cache (docs/eval.md)."""
     if temperature < 0 or top_k < 0 or max_new_tokens < 0:
         raise UserError("generate: temperature, top_k and max_new_tokens must be >= 0")
     eos = Tokenizer.load(loaded.cfg.data.tokenizer).eos_id
     window = loaded.cfg.model.max_seq_len
+    cache = KVCache(loaded.cfg.model.n_layers, window) if use_cache else None
     seq, new = list(ids), []
     for _ in range(max_new_tokens):
-        x = torch.tensor([seq[-window:]], device=loaded.device.torch_device)
+        if cache is not None and len(seq) > window:
+            cache = None  # past the window for good: recompute the cut window from here on
+        fresh = seq[cache.offset:] if cache is not None else seq[-window:]
+        x = torch.tensor([fresh], device=loaded.device.torch_device)
         with loaded.device.autocast(loaded.recipe.autocast_dtype):
-            logits = loaded.model(x)[0, -1].float().cpu()
+            logits = loaded.model(x, cache)[0, -1].float().cpu()
         if temperature == 0:
             nxt = int(logits.argmax())
         else:

@@ -4,6 +4,8 @@
 - RoPE in the "rotate half" layout (the Hugging Face Llama convention), so weights map 1:1 to HF.
 - Attention through `scaled_dot_product_attention` (FlashAttention/efficient kernels where the
   device has them), with `enable_gqa` so K/V heads are shared without copies.
+- Generation passes a KV cache (model/kv_cache.py): forward(tokens, cache) feeds only the new tokens,
+  at absolute positions cache.offset..; without one the forward is the plain causal one.
 - Every linear comes from `make_linear(in, out, name)`, the precision recipe's factory, and the MLP
   gating (SwiGLU or Smooth-SwiGLU) is named by the recipe too: the model never knows which number
   format it runs in.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
+from megatron_lowp.model.kv_cache import KVCache, LayerKV, causal_attention
 from megatron_lowp.precision.recipe import LinearFactory
 
 
@@ -69,6 +72,14 @@ def rotary_heads(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def rope_window(model: nn.Module, seq: int, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's cos/sin rows for `seq` tokens at absolute positions offset.. (0 without a cache)."""
+    start = 0 if cache is None else cache.offset
+    if start + seq > model.cfg.max_seq_len:
+        raise ValueError(f"sequence of {start + seq} tokens exceeds model.max_seq_len = {model.cfg.max_seq_len}")
+    return model.rope_cos[start:start + seq], model.rope_sin[start:start + seq]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
         super().__init__()
@@ -79,10 +90,10 @@ class Attention(nn.Module):
         self.qkv = make_linear(cfg.d_model, qkv_out, f"{prefix}.qkv")
         self.out = make_linear(self.n_heads * self.head_dim, cfg.d_model, f"{prefix}.out")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = rotary_heads(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = causal_attention(q, k, v, cache, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -154,12 +165,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, make_linear, f"layers.{index}.mlp", activation)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
 class Llama(nn.Module):
+    # The model contract (docs/models.md): weights are free parameters; nothing to restore after a step.
+    constrains_weights = False
+
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, mlp_activation: str = "swiglu"):
         super().__init__()
         if cfg.vocab_size is None:
@@ -187,15 +201,15 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
-        seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq); with a cache, the tokens follow
+        the cache.offset tokens stored in it (see model/kv_cache.py)."""
+        cos, sin = rope_window(self, tokens.shape[1], cache)
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         return self.lm_head(self.norm(x))
 
     def after_optimizer_step(self) -> None:

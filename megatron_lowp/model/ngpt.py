@@ -1,5 +1,5 @@
 """nGPT, the normalized Transformer (Loshchilov et al. 2024), as trained in NVFP4 by "Normalized
-Architectures are Natively 4-Bit" (2026). Reference: /work/shared/reference/papers.md sections 3.2
+Architectures are Natively 4-Bit" (2026). Reference: docs/papers.md sections 3.2
 (the Megatron implementation of the NVFP4 paper, followed here) and 4 (the original NVIDIA/ngpt).
 
 - Everything lives on the unit hypersphere: embedding rows, weight rows (input-side projections) or
@@ -32,7 +32,8 @@ from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
 from megatron_lowp.model import llama
-from megatron_lowp.model.llama import ffn_hidden_size, rope_tables, rotary_heads
+from megatron_lowp.model.kv_cache import KVCache, LayerKV, causal_attention
+from megatron_lowp.model.llama import ffn_hidden_size, rope_tables, rope_window, rotary_heads
 from megatron_lowp.precision.recipe import LinearFactory
 
 EPS = 1e-6  # Megatron's justnorm; the original nGPT divides by ||x|| with no eps
@@ -78,7 +79,7 @@ class Attention(llama.Attention):
         # s_qk per (query head, head dim), flattened; effective value sqk / base_scale, init 1.
         self.sqk = scalar(self.n_heads * self.head_dim, cfg.init_std)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         batch, seq, _ = h.shape
         q, k, v = rotary_heads(self.qkv(h), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
         # logits = sqrt(d_head) * sum_i s_i^2 N(q)_i N(k)_i: cosine similarity times sqrt(d_head) at
@@ -87,10 +88,8 @@ class Attention(llama.Attention):
         # heads (GQA).
         s2 = (self.sqk.float() / self.base_scale).pow(2).view(1, self.n_heads, 1, self.head_dim)
         q = (justnorm(q).float() * s2).type_as(v)
-        k = justnorm(k).type_as(v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        k = justnorm(k).type_as(v)  # a cache stores the normalized keys
+        y = causal_attention(q, k, v, cache, scale=math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(batch, seq, -1)
         if self.normalize_out_input:  # FNGPT: unit-norm input of attn.out (not in the original nGPT)
             y = justnorm(y)
@@ -147,8 +146,8 @@ class Block(nn.Module):
         alpha = (alpha_param * (self.alpha_init / self.base_scale)).abs()
         return justnorm(h + alpha * (justnorm(y) - h))
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.step(h, self.attn(h, cos, sin), self.attn_alpha)
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        h = self.step(h, self.attn(h, cos, sin, cache), self.attn_alpha)
         return self.step(h, self.mlp(h), self.mlp_alpha)
 
 
@@ -210,17 +209,17 @@ class NGPT(nn.Module):
         """The training loop calls this after every optimizer.step(): nGPT's weights live on the sphere."""
         self.normalize_weights()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
-        seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq); with a cache, the tokens follow
+        the cache.offset tokens stored in it (see model/kv_cache.py)."""
+        cos, sin = rope_window(self, tokens.shape[1], cache)
         # Embedding rows are unit vectors already; N makes h exactly the unit vector the blocks and
         # the operand bound assume, even if a weight was loaded or changed without normalization.
         h = justnorm(self.embed(tokens))
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         logits = self.lm_head(h)  # cosine similarities: no final norm, h is unit-norm already
         return (logits.float() * (self.sz / self.cfg.init_std)).type_as(logits)
 
