@@ -94,16 +94,35 @@ def timed_steps(trainer: Trainer, steps: int) -> float:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    base = rows[0]["label"]
+    base = next(r["label"] for r in rows if "error" not in r)
     lines = [header, "",
              f"| entry | recipe | tokens/s | step time (s) | MFU | peak memory (MiB) | step time vs {base} | "
              f"tokens/s vs {base} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['recipe']} | failed: {r['error'][:200]} | | | | | |")
+            continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['label']} | {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {mfu} | "
                      f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['step_time_vs_first']:.2f}x | "
                      f"{r['tokens_per_s_vs_first']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def start(variants: dict, files: dict, args, tmp: str) -> tuple[dict[str, Trainer], dict[str, str]]:
+    """Build each entry and run its warm-up steps; an entry that fails is reported with its error
+    and leaves the others their turns."""
+    trainers, failed = {}, {}
+    for label, (recipe, own) in variants.items():
+        try:
+            trainers[label] = build(Path(files.get(label, files.get(recipe, args.recipe_file))), label, recipe,
+                                    [*args.overrides, *own], tmp)
+            timed_steps(trainers[label], args.warmup)
+        except Exception as e:  # any failure of one entry is that entry's result
+            failed[label] = f"{type(e).__name__}: {e}"
+            trainers.pop(label, None)
+            print(f"{label}: failed: {failed[label]}")
+    return trainers, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = parse_variants(args.recipes, args.sets)
     files = dict(item.split("=", 1) for item in args.own_files)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {label: build(Path(files.get(label, files.get(recipe, args.recipe_file))), label, recipe,
-                                 [*args.overrides, *own], tmp)
-                    for label, (recipe, own) in variants.items()}
-        for trainer in trainers.values():
-            timed_steps(trainer, args.warmup)
+        trainers, failed = start(variants, files, args, tmp)
         times: dict[str, list[float]] = {label: [] for label in trainers}
         peaks: dict[str, int] = dict.fromkeys(trainers, 0)
         for i in range(args.rounds):
@@ -161,18 +176,23 @@ def main(argv: list[str] | None = None) -> int:
                          "deterministic": cfg.device.deterministic, "backend": cfg.precision.backend,
                          "compile": getattr(cfg.train, "compile", None),
                          "overrides": [*args.overrides, *variants[label][1]]})
-    base = rows[0]
-    for r in rows:
-        r["step_time_vs_first"] = r["step_s"] / base["step_s"]
-        r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
-    table = markdown(rows, f"device: {base['device']}; {len(base['rounds_s'])} rounds x {args.steps} steps per "
-                           f"entry after {args.warmup} warm-up steps; median round")
-    print(table, end="")
     out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        base = rows[0]
+        for r in rows:
+            r["step_time_vs_first"] = r["step_s"] / base["step_s"]
+            r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
+    order = list(variants)
+    rows = sorted(rows + [{"label": label, "recipe": variants[label][0], "error": error} for label, error in failed.items()],
+                  key=lambda r: order.index(r["label"]))
     (out / "bench_train.json").write_text(json.dumps(rows, indent=1))
-    (out / "bench_train.md").write_text(table)
-    print(f"wrote {out}/bench_train.json and bench_train.md")
-    return 0
+    if trainers:
+        table = markdown(rows, f"device: {base['device']}; {len(base['rounds_s'])} rounds x {args.steps} steps per "
+                               f"entry after {args.warmup} warm-up steps; median round")
+        print(table, end="")
+        (out / "bench_train.md").write_text(table)
+    print(f"wrote {out}/bench_train.json" + (" and bench_train.md" if trainers else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ left unused), so one hung step cannot eat the rest:
   machine    versions, the GPU as the package sees it (name, native FP8/FP4 GEMMs, BF16 peak)
   install    pip install --no-deps --no-build-isolation --no-index -e . (offline; the children use
              PYTHONPATH whatever it says, so a failed install costs nothing)
+  wheels     with --wheels DIR only: pip install --no-index pytest and its dependencies from DIR, for
+             an image without pytest (make DIR where there is network: pip download -d DIR pytest)
   tests      pytest -m cuda tests/test_cuda.py
   numerics   scripts/bench_numerics.py: quantizer GB/s against a device-to-device copy
   train-1b   scripts/bench_train.py, 1b preset at seq 2048: bf16, fp8 (precision.backend native),
@@ -56,7 +58,7 @@ from device_common import (  # noqa: E402
 )
 
 # Planned seconds per step; a step may also use what the steps before it left unused.
-SHARES = {"install": 15, "tests": 75, "numerics": 25, "train-1b": 75, "train-350m": 45, "profile": 25}
+SHARES = {"install": 15, "wheels": 10, "tests": 75, "numerics": 25, "train-1b": 75, "train-350m": 45, "profile": 25}
 REPORT_RESERVE_S = 10  # kept back for the report and the bundle
 MIN_STEP_S = 10  # a step with less time than this is skipped rather than started
 
@@ -98,10 +100,13 @@ def train_variants(step: str, compile_key: bool) -> tuple[list[str], list[list[s
     return recipes, sets
 
 
-def plan(work: Path, dry_run: bool, compile_key: bool) -> list[Step]:
+def plan(work: Path, dry_run: bool, compile_key: bool, wheels: Path | None = None) -> list[Step]:
     py = python()
     pip = [*py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."]
     steps = [Step("install", pip + (["--dry-run"] if dry_run else []))]
+    if wheels is not None:
+        steps.append(Step("wheels", [*py, "-m", "pip", "install", "--no-index", "--find-links", str(wheels.resolve()),
+                                     "pytest", *(["--dry-run"] if dry_run else [])]))
     steps.append(Step("tests", [*py, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rfEs",
                                 "-p", "no:cacheprovider", "--junitxml", str(work / "tests.xml")]))
     numerics = [*py, "scripts/bench_numerics.py", "--out", str(work / "bench_numerics.json")]
@@ -284,15 +289,20 @@ def test_counts(xml_path: Path) -> dict:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    counts["failed_tests"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                              if c.find("failure") is not None or c.find("error") is not None]
+    counts["failed_tests"] = []
+    for case in suite.iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:  # its name and the first line of what went wrong
+            message = (problem.get("message") or problem.text or "").strip().splitlines()[:1]
+            counts["failed_tests"].append(f"{case.get('name')}: {message[0][:300] if message else '?'}")
     skips = [c.find("skipped").get("message", "") for c in suite.iter("testcase") if c.find("skipped") is not None]
     counts["skip_reasons"] = sorted(set(skips))
     return counts
 
 
 def _row(rows: list[dict] | None, label: str) -> dict | None:
-    return next((r for r in rows or [] if r["label"] == label), None)
+    """The measured row of an entry (None where it was not run or failed)."""
+    return next((r for r in rows or [] if r["label"] == label and "error" not in r), None)
 
 
 def targets(results: dict) -> list[dict]:
@@ -338,7 +348,7 @@ def costs(results: dict) -> list[str]:
         compiled, eager = _row(rows, f"{name}-compile"), _row(rows, name)
         if compiled and eager:
             lines.append(f"- train.compile on {name} 350m: {eager['step_s'] / compiled['step_s']:.2f}x the eager tokens/s.")
-    if not any(r["label"].endswith("-compile") for r in rows or []):
+    if not any(r["label"].endswith("-compile") for r in rows or [] if "error" not in r):
         lines.append("- train.compile: not measured (the schema has no train.compile key in this checkout, or dry run).")
     prof = results.get("profile") or []
     if prof:
@@ -399,6 +409,10 @@ def report(out: Path, work: Path, steps: list[Step], info: dict, dry_run: bool, 
         md += ["## Profile (350m, share of the step's wall time)", "", markdown_table(results["profile"], cols),
                "What to fix first:", "", *fixes(results), ""]
     md += ["## Costs", "", *costs(results), ""]
+    tests_step = next((s for s in steps if s.name == "tests"), None)
+    if tests_step is not None and "No module named pytest" in log_tail(tests_step):
+        md += ["pytest is not installed here: make a folder of its wheels where there is network "
+               "(`pip download -d bench/wheels pytest`), bring it along and pass `--wheels bench/wheels`.", ""]
     failed = [s for s in steps if s.status in ("failed", "timed out")]
     for s in failed:
         md += [f"## {s.name}: {s.status}, last lines of its log", "", "```", log_tail(s), "```", ""]
@@ -416,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=270.0, help="wall-clock seconds for everything (default 270)")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny shapes")
     parser.add_argument("--only", nargs="+", default=None, choices=list(SHARES), help="run only these steps")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help="a folder of wheels to install pytest from, offline (for an image without pytest)")
     parser.add_argument("--work", default=None, help="folder for logs and intermediate files (default: a temp folder)")
     parser.add_argument("--profile-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device check{' (dry run)' if args.dry_run else ''}: budget {args.budget:.0f} s, output {out}, work {work}")
     info, machine = machine_info(work / "logs", env)
     compile_key = load_bench_train().compile_key_exists()
-    steps = plan(work, args.dry_run, compile_key)
+    steps = plan(work, args.dry_run, compile_key, args.wheels)
     run_all(steps, budget, work, env, set(args.only) if args.only else None)
     steps.insert(0, machine)
     summary = report(out, work, steps, info, args.dry_run, budget)
@@ -439,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, summary.json and device_check.tar.gz")
-    return 0 if not any(s["status"] in ("failed", "timed out") for s in summary["steps"]) else 1
+    # a failed install costs nothing (the children import the checkout through PYTHONPATH)
+    return 0 if not any(s["status"] in ("failed", "timed out") for s in summary["steps"] if s["name"] != "install") else 1
 
 
 if __name__ == "__main__":

@@ -151,11 +151,11 @@ info = {"python": platform.python_version(), "torch": torch.__version__, "host":
         "native_fp8_gemm": caps.native_fp8_gemm, "native_fp4_gemm": caps.native_fp4_gemm,
         "peak_bf16_tflops": caps.peak_bf16_flops / 1e12 if caps.peak_bf16_flops else None,
         "torch_cuda": torch.version.cuda}
-try:
-    import triton
-    info["triton"] = triton.__version__
-except ImportError:
-    info["triton"] = None
+for name in ("triton", "pytest"):
+    try:
+        info[name] = __import__(name).__version__
+    except ImportError:
+        info[name] = None
 if d.type == "cuda":
     p = torch.cuda.get_device_properties(d.index)
     info.update(gpu_memory_gib=round(p.total_memory / 2**30, 1), compute_capability=f"{p.major}.{p.minor}")

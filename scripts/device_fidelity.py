@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -88,8 +89,10 @@ def package_root(name: str) -> Path | None:
 
 
 def build_corpus(packages: list[str], out: Path, max_bytes: int, max_file_bytes: int = 256_000) -> dict:
-    """One JSONL document per source/doc file of each package, files in sorted order, each package
-    up to an equal share of max_bytes (a share one package leaves unused passes to the next). Skips
+    """One JSONL document per source/doc file of each package, each package up to an equal share of
+    max_bytes (a share one package leaves unused passes to the next). Files are taken in the order
+    of a hash of their path: a fixed, spread-out sample (sorted order would take one package's
+    first few folders only). Skips
     files that are not UTF-8, larger than max_file_bytes (generated tables) or nearly empty, and this
     repository's own files (a virtual environment inside it is fine)."""
     stats: dict = {"packages": {}, "missing": [], "documents": 0, "bytes": 0}
@@ -104,7 +107,8 @@ def build_corpus(packages: list[str], out: Path, max_bytes: int, max_file_bytes:
     with open(out, "w", encoding="utf-8") as f:
         for i, (name, root) in enumerate(roots.items()):
             quota, taken, docs = left / (len(roots) - i), 0, 0
-            for path in sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and "__pycache__" not in p.parts):
+            files = [p for p in root.rglob("*") if p.suffix in SUFFIXES and "__pycache__" not in p.parts]
+            for path in sorted(files, key=lambda p: hashlib.blake2b(str(p.relative_to(root)).encode()).digest()):
                 try:
                     size = path.stat().st_size
                     if not 64 <= size <= max_file_bytes or taken + size > quota:
@@ -146,39 +150,46 @@ def calibrate_child(spec_path: Path) -> int:
     """Build each run's trainer, time warm-up steps, steady steps and one evaluation; results are
     written after every run, so a time box that ends this child still leaves the runs measured so far."""
     started = time.perf_counter()
-    from megatron_lowp.config import load_config
-    from megatron_lowp.precision import available_recipes
-    from megatron_lowp.train.loop import Trainer
+    import megatron_lowp.train.loop  # noqa: F401  (the imports a training process pays for)
 
     spec = json.loads(spec_path.read_text())
     result = {"import_s": time.perf_counter() - started, "runs": {}}
     for name, (recipe_file, overrides) in spec["runs"].items():
-        t0 = time.perf_counter()
-        cfg = load_config(REPO / recipe_file, [*overrides, "run.resume=never", "run.overwrite=true"],
-                          extra_choices={"precision.recipe": available_recipes()})
-        trainer = Trainer(cfg)
-        t1 = time.perf_counter()
-        for _ in range(spec["warmup"]):
-            loss, _ = trainer.train_step()
-        loss.item()
-        trainer.device.synchronize()
-        t2 = time.perf_counter()
-        for _ in range(spec["steps"]):
-            loss, _ = trainer.train_step()
-        loss.item()
-        trainer.device.synchronize()
-        t3 = time.perf_counter()
-        trainer.evaluate()
-        trainer.device.synchronize()
-        t4 = time.perf_counter()
-        result["runs"][name] = {"build_s": t1 - t0, "warmup_s": t2 - t1, "step_s": (t3 - t2) / spec["steps"],
-                                "eval_s": t4 - t3, "params": trainer.model.num_params(),
-                                "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len}
+        try:
+            result["runs"][name] = calibrate_one(REPO / recipe_file, overrides, spec["warmup"], spec["steps"])
+        except Exception as e:  # one recipe that cannot run must not cost the others their runs
+            result["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
         Path(spec["out"]).write_text(json.dumps(result, indent=1))
         print(name, json.dumps(result["runs"][name]), flush=True)
-        del trainer
         gc.collect()
     return 0
+
+
+def calibrate_one(recipe_file: Path, overrides: list[str], warmup: int, steps: int) -> dict:
+    from megatron_lowp.config import load_config
+    from megatron_lowp.precision import available_recipes
+    from megatron_lowp.train.loop import Trainer
+
+    t0 = time.perf_counter()
+    cfg = load_config(recipe_file, [*overrides, "run.resume=never", "run.overwrite=true"],
+                      extra_choices={"precision.recipe": available_recipes()})
+    trainer = Trainer(cfg)
+    t1 = time.perf_counter()
+    for _ in range(warmup):
+        loss, _ = trainer.train_step()
+    loss.item()
+    trainer.device.synchronize()
+    t2 = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.train_step()
+    loss.item()
+    trainer.device.synchronize()
+    t3 = time.perf_counter()
+    trainer.evaluate()
+    trainer.device.synchronize()
+    t4 = time.perf_counter()
+    return {"build_s": t1 - t0, "warmup_s": t2 - t1, "step_s": (t3 - t2) / steps, "eval_s": t4 - t3,
+            "params": trainer.model.num_params(), "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len}
 
 
 def predicted_seconds(run: dict, steps: int, import_s: float, warmup_steps: int) -> float:
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU: tiny model, tiny corpus")
     parser.add_argument("--work", default=None, help="folder for the corpus, datasets and runs (default: a temp folder)")
     parser.add_argument("--packages", nargs="+", default=None, help=f"corpus sources (default: {' '.join(PACKAGES)})")
-    parser.add_argument("--corpus-mb", type=float, default=None, help="corpus size cap in MB (default 48; dry run 0.4)")
+    parser.add_argument("--corpus-mb", type=float, default=None, help="corpus size cap in MB (default 64; dry run 0.4)")
     parser.add_argument("--vocab", type=int, default=None, help="tokenizer pieces (default 8192; dry run 512)")
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many steps per run (dry run: 20)")
     parser.add_argument("--parallel", type=int, default=None,
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     corpus_file = work / "data" / "corpus.jsonl"
     ctx["corpus"] = build_corpus(list(args.packages or (DRY_PACKAGES if dry else PACKAGES)), corpus_file,
-                                 int(1e6 * (args.corpus_mb or (0.4 if dry else 48))))
+                                 int(1e6 * (args.corpus_mb or (0.4 if dry else 64))))
     done.append(Step("corpus", [], status="ok" if ctx["corpus"]["documents"] else "failed",
                      seconds=time.monotonic() - t0, note=f"{ctx['corpus']['documents']:,} files"))
     print(f"[       ok] corpus: {done[-1].seconds:.1f} s ({done[-1].note}, {ctx['corpus']['bytes'] / 1e6:.1f} MB)")
@@ -406,20 +417,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         calibrate.status, calibrate.note = "skipped", "no prepared data"
     done.append(calibrate)
-    calibration = _read_json(work / "calibration.json")
+    calibration = _read_json(work / "calibration.json") or {"import_s": 0.0, "runs": {}}
     ctx["calibration"] = calibration
-    if calibration and len(calibration["runs"]) == len(RUNS):
-        train_budget = budget.left() - REPORT_RESERVE_S
-        steps = choose_steps(calibration, train_budget, warmup, args.max_steps or (MIN_STEPS if dry else None))
-        ctx["tokens_per_step"] = next(iter(calibration["runs"].values()))["tokens_per_step"]
+    measured = {name: r for name, r in calibration["runs"].items() if "error" not in r}
+    for name in RUNS:
+        if name not in measured:
+            error = calibration["runs"].get(name, {}).get("error", "not measured by the calibration")
+            done.append(Step(f"run-{name}", [], status="failed", note=f"calibration: {error}"[:300]))
+    if measured:
+        # 10% kept back for what the calibration does not time: telemetry and gradient-noise steps
+        train_budget = 0.9 * (budget.left() - REPORT_RESERVE_S)
+        steps = choose_steps({**calibration, "runs": measured}, train_budget, warmup,
+                             args.max_steps or (MIN_STEPS if dry else None))
+        ctx["tokens_per_step"] = next(iter(measured.values()))["tokens_per_step"]
     else:
         steps, ctx["tokens_per_step"] = 0, 0
-        print("calibration did not measure every run: no training runs")
+        print("the calibration measured no run: no training runs")
     ctx["steps"] = steps
     ctx["epochs"] = steps * ctx["tokens_per_step"] / max(ctx["train_tokens"], 1)
     runs = [Step(f"run-{name}", [*mlp, "train", RUNS[name], *overrides(name, steps)],
-                 extra={"predicted_s": predicted_seconds(calibration["runs"][name], steps, calibration["import_s"], warmup)})
-            for name in (RUNS if steps else [])]
+                 extra={"predicted_s": predicted_seconds(measured[name], steps, calibration["import_s"], warmup)})
+            for name in (RUNS if steps else []) if name in measured]
     parallel = args.parallel or (2 if dry else 1)  # one at a time on a GPU: tokens/s stay comparable
     done += run_steps(runs, lambda s: min(1.3 * s.extra["predicted_s"] * parallel + 30, budget.left() - REPORT_RESERVE_S),
                       parallel, logs, env)
