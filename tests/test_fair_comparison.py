@@ -18,7 +18,7 @@ from megatron_lowp.config import load_config
 from megatron_lowp.config.schema import OptimConfig, QafConfig
 from megatron_lowp.device.threads import choose_cpu_threads
 from megatron_lowp.errors import UserError
-from megatron_lowp.optim import schedule_warnings
+from megatron_lowp.optim import qaf_warnings, schedule_warnings
 from megatron_lowp.precision import available_recipes
 from megatron_lowp.train.loop import Trainer
 from tests.test_distributed import _free_port
@@ -172,12 +172,12 @@ def test_compare_refuses_runs_validated_on_other_sequences_and_flags_them_when_a
 def test_schedules_that_cannot_fit_are_warned_about():
     optim = OptimConfig(warmup_steps=30, schedule="cosine")
     qaf = QafConfig(start_fraction=0.96, warmup_steps=40)
-    warnings = schedule_warnings(optim, qaf, steps=30, tokens_per_step=4096)
-    assert any("optim.warmup_steps (30) >= train.steps (30): the LR warms up and never decays" in w for w in warnings)
+    assert any("optim.warmup_steps (30) >= train.steps (30): the LR warms up and never decays" in w
+               for w in schedule_warnings(optim, steps=30))
     assert any("QAF starts at step 29 with 2 steps left, fewer than precision.qaf.warmup_steps (40)" in w
-               for w in warnings)
-    assert schedule_warnings(optim, qaf, steps=3000, tokens_per_step=4096) == []
-    assert schedule_warnings(optim, QafConfig(start_fraction=1.0), steps=300, tokens_per_step=4096) == []
+               for w in qaf_warnings(optim, qaf, steps=30, tokens_per_step=4096))
+    assert schedule_warnings(optim, steps=3000) == qaf_warnings(optim, qaf, steps=3000, tokens_per_step=4096) == []
+    assert qaf_warnings(optim, QafConfig(start_fraction=1.0), steps=300, tokens_per_step=4096) == []
 
 
 def test_a_short_fp4_run_prints_its_warnings(tmp_path, capsys):

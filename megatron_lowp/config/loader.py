@@ -138,12 +138,14 @@ EXCLUSIVE_KEYS = (("precision.qaf.start_step", "precision.qaf.start_tokens", "pr
 
 
 def _fill_defaults(values: dict[str, Any], sources: dict[str, str], path: Path) -> None:
-    """Keys of the YAML file `path` go in under the ones already set (and under any alternative to them)."""
-    for key, value in _flatten(read_yaml(path)).items():
+    """Keys of the YAML file `path` (with its `extends:`) go in under the ones already set (and under
+    any alternative to them)."""
+    layer_values, layer_sources = _load_layers(path)
+    for key, value in layer_values.items():
         group = next((g for g in EXCLUSIVE_KEYS if key in g), (key,))
         if not any(k in values for k in group):
             values[key] = value
-            sources[key] = str(path)
+            sources[key] = layer_sources[key]
 
 
 def _apply_recipe_defaults(values: dict[str, Any], sources: dict[str, str]) -> None:

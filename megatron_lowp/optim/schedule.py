@@ -61,7 +61,7 @@ def planned_qaf_start(qaf: QafConfig, steps: int, tokens_per_step: int) -> int |
     return None
 
 
-def schedule_warnings(cfg: OptimConfig, qaf: QafConfig | None, steps: int, tokens_per_step: int) -> list[str]:
+def schedule_warnings(cfg: OptimConfig, steps: int) -> list[str]:
     """What a run too short for its schedule would silently get wrong, in words (empty when it fits)."""
     out = []
     if cfg.schedule != "constant" and cfg.warmup_steps >= steps:
@@ -72,7 +72,13 @@ def schedule_warnings(cfg: OptimConfig, qaf: QafConfig | None, steps: int, token
         if decay_start < cfg.warmup_steps:
             out.append(f"warning: the wsd decay (last {steps - decay_start} steps) starts during the warmup "
                        f"({cfg.warmup_steps} steps): the LR never holds at optim.lr")
-    start = planned_qaf_start(qaf, steps, tokens_per_step) if qaf is not None else None
+    return out
+
+
+def qaf_warnings(cfg: OptimConfig, qaf: QafConfig, steps: int, tokens_per_step: int) -> list[str]:
+    """What a QAF phase that does not fit the run would silently get wrong (empty when it fits)."""
+    out = []
+    start = planned_qaf_start(qaf, steps, tokens_per_step)
     if start is not None and start <= steps:
         left = steps - start + 1
         if left < qaf.warmup_steps:

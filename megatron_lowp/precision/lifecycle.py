@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.optim.schedule import lr_at, planned_qaf_start, qaf_lr_at
+from megatron_lowp.optim.schedule import lr_at, planned_qaf_start, qaf_lr_at, qaf_warnings
 from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
 from megatron_lowp.precision.quantized_linear import (
     QuantizedLinear,
@@ -84,6 +84,9 @@ class QuantizedLifecycle:
         if asked and not self.quantized:
             raise UserError(f"precision.qaf: recipe '{self.name}' quantizes no linear layer of this model, so there "
                             "is nothing to finetune for; QAF needs quantized layers")
+        if self.quantized and self.settings is not None:
+            s = self.settings
+            self._notes += qaf_warnings(s.optim, s.qaf, s.steps, s.tokens_per_step)
 
     def check_engine(self, engine: str, capabilities) -> None:
         self._monitor_engine = capabilities.plain_module_gradients

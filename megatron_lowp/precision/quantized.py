@@ -78,7 +78,10 @@ class QuantizedRecipe(QuantizedLifecycle, PrecisionRecipe):
         return QuantizedLinear(in_features, out_features, self.specs, name=name, seed=self.seed, backend=self.backend)
 
 
-def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecipe:
+def quantized_recipe(cfg, device, name: str, specs: GemmSpecs, cls: type[QuantizedRecipe] = QuantizedRecipe,
+                     **extra) -> QuantizedRecipe:
+    """A `cls` (QuantizedRecipe or a subclass with its own lifecycle) for the config; `extra` fills
+    the subclass's own fields."""
     p = cfg.precision
     # torch implements _scaled_mm on the CPU too (a reference kernel, not a fast one), so "native"
     # is refused only on accelerators without FP8 tensor cores.
@@ -88,20 +91,20 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs) -> QuantizedRecip
             f"{device.capabilities.name} has none; use precision.backend=emulated"
         )
     dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
-    return QuantizedRecipe(
+    return cls(
         name=name, autocast_dtype=dtype, mlp_activation=mlp_activation(p),
         specs=specs, high_precision=tuple(p.high_precision),
         first_blocks=p.high_precision_first_blocks, last_blocks=p.high_precision_last_blocks,
         n_layers=cfg.model.n_layers, seed=cfg.run.seed, backend=p.backend,
-        settings=LifecycleSettings.from_config(cfg),
+        settings=LifecycleSettings.from_config(cfg), **extra,
     )
 
 
-def recipe_from_roles(cfg, device) -> QuantizedRecipe:
+def recipe_from_roles(cfg, device, cls: type[QuantizedRecipe] = QuantizedRecipe, **extra) -> QuantizedRecipe:
     """custom, and the named recipes whose package is YAML defaults (configs/precision/<name>.yaml)."""
     e4m3_max = device.capabilities.fp8_e4m3_max
     specs = GemmSpecs(**{role: role_spec(getattr(cfg.precision, role), f"precision.{role}", e4m3_max) for role in ROLES})
-    return quantized_recipe(cfg, device, cfg.precision.recipe, specs)
+    return quantized_recipe(cfg, device, cfg.precision.recipe, specs, cls, **extra)
 
 
 register_recipe("custom")(recipe_from_roles)

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from megatron_lowp.numerics import E5M2, QuantizedTensor, SRGenerator
-from megatron_lowp.numerics.formats import e4m3_flavour
 from megatron_lowp.numerics.stats import quantization_stats
 from megatron_lowp.precision.delayed import DelayedScaling, ReduceMax
 from megatron_lowp.precision.spec import ROLE_AXIS, GemmSpecs, QuantSpec
@@ -84,6 +83,12 @@ class RoleQuantizer:
             self._record(role, t, qt)
         return qt
 
+    def shared(self, role: str, t: torch.Tensor, qt: QuantizedTensor) -> QuantizedTensor:
+        """qt, another role's quantization of t that `shares_quantization` found equal, serving `role` too."""
+        if self.stats is not None:
+            self._record(role, t, qt)
+        return qt
+
 
 def _restore(saved, dtype: torch.dtype) -> torch.Tensor:
     return saved.dequantize(dtype) if isinstance(saved, QuantizedTensor) else saved.to(dtype)
@@ -93,13 +98,25 @@ BACKENDS = ("emulated", "native")
 
 
 def _tensorwise_fp8(spec: QuantSpec | None) -> bool:
-    return spec is not None and spec.fmt.startswith("fp8") and spec.kwargs().get("scaling", "tensor") == "tensor"
+    return spec is not None and spec.format.per_tensor_fp8(spec.kwargs())
+
+
+def _element(spec: QuantSpec):
+    return spec.format.element_format(spec.kwargs())
 
 
 def _native_pair(a: QuantSpec | None, b: QuantSpec | None, *dims: int) -> bool:
     """Both operands per-tensor FP8, not both E5M2, every GEMM dimension a multiple of 16."""
-    return (_tensorwise_fp8(a) and _tensorwise_fp8(b) and not (a.fmt == b.fmt == "fp8_e5m2")
+    return (_tensorwise_fp8(a) and _tensorwise_fp8(b) and not (_element(a) is _element(b) is E5M2)
             and all(d % 16 == 0 for d in dims))
+
+
+def shares_quantization(a: QuantSpec | None, b: QuantSpec | None) -> bool:
+    """One quantization of an operand serves two roles: equal specs, values independent of the block
+    axis (per-tensor FP8 or NVFP4 16x16 tiles, both round-to-nearest, which draws no SR noise), and
+    current scales (delayed ones keep a history per role, and QAF phases observe x without x_t)."""
+    return (a is not None and a == b and a.amax_history == 0
+            and a.format.same_along_every_axis(a.kwargs(), a.rounding))
 
 
 def _scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, dtype) -> torch.Tensor:
@@ -118,18 +135,28 @@ class QuantizedLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         (tokens, k), n = x2.shape, weight.shape[0]
         ctx.native = backend == "native"
+        # Quantize the backward operands only for the gradients that will be taken: inference (no
+        # grad) then costs one quantization per operand, draws no SR noise, and takes any token count
+        # (wgrad blocks run along the tokens). Where x_t (w_t) would equal x (w), fprop's
+        # quantization is kept for wgrad (dgrad) instead of quantizing again.
+        needs_dx, needs_dw = (grad_enabled and n for n in ctx.needs_input_grad[:2])
+        share_x = needs_dw and shares_quantization(specs.x, specs.x_t)
+        share_w = needs_dx and shares_quantization(specs.w, specs.w_t)
         with torch.autocast(x.device.type, enabled=False):
+            xq = wq = None
             if ctx.native and _native_pair(specs.x, specs.w, tokens, k, n):
                 xq, wq = q.packed("x", x2), q.packed("w", weight)
                 y = _scaled_mm(xq.data, xq.scale, wq.data, wq.scale, dtype)
             else:
-                y = q.fake("x", x2, dtype) @ q.fake("w", weight, dtype).t()
-            # Quantize the backward operands only for the gradients that will be taken: inference
-            # (no grad) then costs one quantization per operand, draws no SR noise, and takes any
-            # token count (wgrad blocks run along the tokens).
-            needs_dx, needs_dw = (grad_enabled and n for n in ctx.needs_input_grad[:2])
-            ctx.saved_x = q.packed("x_t", x2.detach()) if needs_dw else None
-            ctx.saved_w = q.packed("w_t", weight.detach()) if needs_dx else None
+                xq, wq = (q.packed("x", x2) if share_x else None), (q.packed("w", weight) if share_w else None)
+                xf = q.fake("x", x2, dtype) if xq is None else xq.dequantize(dtype)
+                wf = q.fake("w", weight, dtype) if wq is None else wq.dequantize(dtype)
+                y = xf @ wf.t()
+            ctx.saved_x = ctx.saved_w = None
+            if needs_dw:
+                ctx.saved_x = q.shared("x_t", x2, xq) if share_x else q.packed("x_t", x2.detach())
+            if needs_dx:
+                ctx.saved_w = q.shared("w_t", weight, wq) if share_w else q.packed("w_t", weight.detach())
         ctx.q, ctx.dtype = q, dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -202,8 +229,7 @@ class QuantizedLinear(nn.Module):
         self.sr = SRGenerator(seed=self.sr_base_seed)
         self.stats: dict[str, dict[str, torch.Tensor]] | None = None  # a dict while telemetry is on
         delayed = {r: getattr(specs, r) for r in ROLE_AXIS if getattr(specs, r) and getattr(specs, r).amax_history}
-        fmt_max = {r: (E5M2 if spec.fmt == "fp8_e5m2" else e4m3_flavour(spec.kwargs().get("flavour", "ocp"))).max_value
-                   for r, spec in delayed.items()}
+        fmt_max = {r: _element(spec).max_value for r, spec in delayed.items()}
         self.delayed = DelayedScaling(delayed, fmt_max) if delayed else None
 
     def forward(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_lowp.numerics import FORMATS, QuantizedTensor, SRGenerator, fake_quantize, quantize
+from megatron_lowp.numerics import FORMATS, NumberFormat, QuantizedTensor, SRGenerator, fake_quantize, quantize
 
 ROLES = ("x", "w", "dy", "w_t", "dy_t", "x_t")
 
@@ -37,8 +37,12 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"unknown format {self.fmt!r}; allowed: {', '.join(FORMATS)}")
-        if self.amax_history and not (self.fmt.startswith("fp8") and self.kwargs().get("scaling", "tensor") == "tensor"):
+        if self.amax_history and not self.format.per_tensor_fp8(self.kwargs()):
             raise ValueError(f"delayed scaling (amax_history) needs per-tensor FP8, not {self.fmt} {self.kwargs()}")
+
+    @property
+    def format(self) -> NumberFormat:
+        return FORMATS[self.fmt]
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.options)

@@ -1,7 +1,9 @@
 """Per-layer numerics telemetry: on chosen steps every quantized linear records, per GEMM role, the
-amax it saw and the share of values that overflowed (saturated) or underflowed (flushed to zero).
-Rising overflow on a delayed-scaled role, or underflow on gradients, is how a divergence shows up
-before the loss does. Rows go to numerics.jsonl (kind "quant"), one per layer and role."""
+amax it saw and the share of values that were clipped (a block maximum saturated because its rounded
+block scale came out a little small: expected, bounded), that overflowed (beyond any scale of the
+recipe: delayed, fixed or given scales) or that underflowed (flushed to zero); numerics/stats.py
+defines them. Rising overflow on a delayed-scaled role, or underflow on gradients, is how a divergence
+shows up before the loss does. Rows go to numerics.jsonl (kind "quant"), one per layer and role."""
 
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ def telemetry_rows(model: nn.Module, step: int) -> list[dict]:
         layer.stats = None
     if not layers:
         return []
-    keys = ("amax", "overflow", "underflow", "nonzero", "numel")
+    keys = ("amax", "clipped", "overflow", "underflow", "nonzero", "numel")
     values = torch.stack([torch.stack([s[k].to(torch.float64) for k in keys]) for _, _, s in layers]).cpu().tolist()
     rows = []
-    for (name, role, _), (amax, over, under, nonzero, numel) in zip(layers, values, strict=True):
+    for (name, role, _), (amax, clipped, over, under, nonzero, numel) in zip(layers, values, strict=True):
         rows.append({"step": step, "kind": "quant", "layer": name, "role": role, "amax": amax,
-                     "overflow": over / max(numel, 1), "underflow": under / max(nonzero, 1)})
+                     "clipped": clipped / max(numel, 1), "overflow": over / max(numel, 1),
+                     "underflow": under / max(nonzero, 1)})
     return rows

@@ -86,8 +86,7 @@ class Trainer:
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         self.recipe.attach(model, self.dist.rank)
         self.recipe.check_engine(cfg.parallel.engine, engine_class(cfg.parallel.engine).capabilities)
-        self.notes += schedule_warnings(cfg.optim, cfg.precision.qaf if self.recipe.quantized else None, t.steps,
-                                        t.global_batch_size * t.seq_len)
+        self.notes += schedule_warnings(cfg.optim, t.steps) + self.recipe.drain()[1]  # e.g. a QAF that cannot fit
         self.engine = build_engine(cfg, model, lambda m: build_optimizer(m, cfg.optim), self.device, self.recipe,
                                    self.dist)
         self.model, self.optimizer = self.engine.module, self.engine.optimizer  # unwrapped model
@@ -308,7 +307,7 @@ class Trainer:
                         "grad_norm": grad_norm.item(),
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "elapsed_s": train_seconds_before + now - run_start,
-                        **self.recipe.log_fields(),  # e.g. qaf, grad_noise_ratio
+                        **self.recipe.log_fields(),  # what the recipe reports, e.g. its QAF phase
                     }
                     if not math.isfinite(loss_value):
                         progress.note(f"warning: non-finite loss {loss_value} at step {self.step}")
