@@ -1,4 +1,4 @@
-"""LowPrecisionAdamW: AdamW with FP8 / BF16 moments (papers.md 1.4), exact math, storage, checkpoints."""
+"""LowPrecisionAdamW: AdamW with FP8 / BF16 moments (docs/papers.md §1.4), exact math, storage, checkpoints."""
 
 import copy
 import warnings

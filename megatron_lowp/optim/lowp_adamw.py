@@ -1,4 +1,4 @@
-"""AdamW whose moments are stored in low precision between steps (FP8 or BF16): papers.md 1.4.
+"""AdamW whose moments are stored in low precision between steps (FP8 or BF16): docs/papers.md §1.4.
 
 The update is torch.optim.AdamW's single-tensor algorithm, in FP32, on the dequantized moments:
 
@@ -53,11 +53,13 @@ from typing import Any
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import E4M3, E5M2, FloatFormat, SRGenerator, amax, round_to_format, scale_from_amax
+from megatron_lowp.numerics import FORMATS, FloatFormat, SRGenerator, amax, round_to_format, scale_from_amax
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 MOMENT_STORAGE = ("fp32", "bf16", "fp8")
-MOMENT_FORMATS: dict[str, FloatFormat] = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
+# the per-tensor FP8 formats, with their default element (E4M3 OCP, E5M2)
+MOMENT_FORMATS: dict[str, FloatFormat] = {name: f.element_format({}) for name, f in FORMATS.items()
+                                          if f.per_tensor_fp8({})}
 MOMENT_ROUNDING = ("nearest", "stochastic")
 MASTER_WEIGHTS = ("fp32", "fp16_pts")
 _FP16_MAX = 65504.0
