@@ -155,6 +155,13 @@ def test_gpu_test_counts_and_failures_come_from_the_junit_file(tmp_path):
     assert (counts["passed"], counts["failures"], counts["errors"], counts["skipped"]) == (1, 1, 1, 1)
     assert counts["failed_tests"] == ["bits: assert 3 == 4", "boom: RuntimeError: CUDA error"]
     assert counts["skip_reasons"] == ["needs an NVIDIA GPU"] and check.test_counts(tmp_path / "missing.xml") == {}
+    log = tmp_path / "tests.log"  # a run ended by its time box leaves no JUnit file, only what -v printed
+    log.write_text("tests/test_cuda.py::test_a[x] PASSED                 [ 10%]\n"
+                   "tests/test_cuda.py::test_b FAILED                    [ 20%]\n"
+                   "tests/test_cuda.py::test_c PASSED                    [ 30%]\n")
+    partial = check.test_counts(tmp_path / "missing.xml", log)
+    assert (partial["passed"], partial["failures"], partial["partial"]) == (2, 1, True)
+    assert partial["failed_tests"] == ["tests/test_cuda.py::test_b"]
 
 
 def test_fidelity_checks_and_the_qaf_gap():
@@ -283,8 +290,10 @@ def test_device_check_dry_run_goes_through_every_step(dry_runs):
     n_cuda_tests = results["tests"]["tests"]
     assert n_cuda_tests >= 15 and results["tests"]["skipped"] == n_cuda_tests  # no CUDA here: every one skips
     assert [r["label"] for r in results["train-1b"]] == ["bf16", "fp8", "fp4"]
-    assert [r["label"] for r in results["train-350m"]][:4] == ["bf16", "fp8", "fp4", "bf16-nondeterministic"]
+    assert [r["label"] for r in results["train-350m"]][:5] == ["bf16", "fp8", "fp4", "bf16-nondeterministic",
+                                                              "fp8-e4m3-saved"]
     assert results["train-350m"][3]["deterministic"] is False and results["train-1b"][1]["backend"] == "native"
+    assert "precision.x_t.format=fp8_e4m3" in results["train-350m"][4]["overrides"]
     assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" for r in results["train-1b"] + results["train-350m"])
     assert len(results["numerics"]["quantizers"]) == 11 and results["numerics"]["kernels"] == []
     profile = {r["label"]: r for r in results["profile"]}
