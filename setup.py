@@ -24,14 +24,15 @@ setup(
     ],
     extras_require={
         # torchao: an independent reference for the MX/NVFP4 tests; triton: its interpreter runs our kernels on CPU
-        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb", "torchao", "triton", "datasets", "deepspeed>=0.19,<0.20", "transformers", "safetensors", "lm_eval>=0.4.13,<0.5"],
+        "dev": ["pytest", "hypothesis", "ruff", "tensorboard", "wandb", "torchao", "triton", "datasets", "deepspeed>=0.19,<0.20", "transformers", "safetensors", "protobuf", "lm_eval>=0.4.13,<0.5"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "te": ["transformer-engine[pytorch]"],
         "hpu": [],  # Gaudi's PyTorch bridge ships with Intel's Gaudi software stack, not PyPI
         "wandb": ["wandb"],
         "data": ["datasets"],
-        # lm-evaluation-harness for `megatron-lowp eval --tasks`; transformers + safetensors for `export --format hf`
-        "eval": ["lm_eval>=0.4.13,<0.5", "transformers", "safetensors"],
+        # lm-evaluation-harness for `megatron-lowp eval --tasks`; transformers, safetensors and protobuf (which
+        # reads the sentencepiece model's settings) for `export --format hf`
+        "eval": ["lm_eval>=0.4.13,<0.5", "transformers", "safetensors", "protobuf"],
     },
     entry_points={"console_scripts": ["megatron-lowp=megatron_lowp.cli:main"]},
 )

@@ -61,6 +61,19 @@ def test_config_prints_the_resolved_recipe(repo, capsys):
     assert main(["config", str(repo / "recipes/quickstart.yaml"), "train.steps=42"]) == 0
     out = capsys.readouterr().out
     assert "steps: 42" in out and "preset: tiny" in out and "d_model: 256" in out
+    assert "vocab_size: 4096" in out  # null in the recipe: the embedded tokenizer's, as training resolves it
+
+
+def test_config_with_a_tokenizer_it_cannot_read(repo, tmp_path, capsys):
+    recipe = str(repo / "recipes/quickstart.yaml")
+    assert main(["config", recipe, f"data.tokenizer={tmp_path}/absent.model"]) == 0  # still shows the recipe
+    captured = capsys.readouterr()
+    assert "vocab_size: null" in captured.out and "model.vocab_size stays null: tokenizer file not found" in captured.err
+    assert main(["config", recipe, f"data.tokenizer={tmp_path}/absent.model", "model.vocab_size=32000"]) == 0
+    captured = capsys.readouterr()
+    assert "vocab_size: 32000" in captured.out and captured.err == ""
+    assert_user_error(run_cli("config", recipe, "model.vocab_size=100"),
+                      "model.vocab_size: 100 is smaller than the tokenizer's vocabulary (4096, embedded)")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
@@ -87,3 +100,43 @@ def test_train_command_end_to_end(repo, tmp_path, capsys):
     again = capsys.readouterr().out
     summary = out.splitlines()[-1].split(", ")[:4]  # step, tokens, loss, val_loss (not the seconds)
     assert "nothing to do" in again and again.splitlines()[-1].split(", ")[:4] == summary
+
+
+
+@pytest.fixture(scope="module")
+def small_run(repo, tmp_path_factory):
+    from megatron_lowp.train import train
+    from tests.test_train import small_cfg
+
+    return train(small_cfg(repo, tmp_path_factory.mktemp("quiet"), "run.name=quiet", "train.eval_every=0"))
+
+
+def run_quiet(*args, tmp_path):
+    """The CLI in a subprocess as a user starts it, with an empty matplotlib cache (its first import
+    builds one, and logs that)."""
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__))), "OMP_NUM_THREADS": "1",
+           "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    return subprocess.run([*args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_generate_eval_and_export_print_no_warnings(small_run, tmp_path):
+    run_dir = str(small_run.run_dir)
+    for argv in (["generate", run_dir, "--prompt", "The hacker", "--max-new-tokens", "4"],
+                 ["eval", run_dir, "--samples", "4"],
+                 ["export", run_dir, "--out", str(tmp_path / "hf")]):
+        proc = run_quiet(sys.executable, "-m", "megatron_lowp", *argv, tmp_path=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "", (argv[0], proc.stderr)  # no DCP/matplotlib/transformers notices
+        assert proc.stdout
+
+
+def test_ddp_training_prints_no_warnings(repo, tmp_path):
+    """DDP asked to skip buffer syncs warned on every rank (torch 2.13 renamed the argument)."""
+    small = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
+             "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=4", "train.steps=2",
+             "optim.warmup_steps=1", "train.eval_every=0", "train.checkpoint_every=0", "logging.progress=false",
+             "parallel.engine=ddp", f"run.out_dir={tmp_path}", "run.name=ddp"]
+    proc = run_quiet(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "megatron_lowp",
+                     "train", str(repo / "recipes/quickstart.yaml"), *small, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "done: step 2" in proc.stdout and proc.stderr == ""

@@ -55,10 +55,23 @@ def hf_config(cfg, tokenizer_bos: int, tokenizer_eos: int) -> dict:
     }
 
 
+def _require_hf_packages() -> None:
+    """One install hint instead of a ModuleNotFoundError when the [eval] extra is missing."""
+    try:
+        import google.protobuf  # noqa: F401  (sentencepiece's model settings, for the tokenizer)
+        import safetensors  # noqa: F401
+        import tokenizers  # noqa: F401  (installed with transformers)
+    except ImportError as e:
+        raise UserError(f"export --format hf needs {e.name or 'safetensors/tokenizers/protobuf'}, which is not "
+                        "installed: pip install 'megatron-lowp[eval]'") from None
+
+
 def export_hf(path: Path, out: Path) -> Path:
+    _require_hf_packages()
     from safetensors.torch import save_file
 
     from megatron_lowp.data import Tokenizer
+    from megatron_lowp.eval.hf_tokenizer import build_hf_tokenizer, check_same_ids, tokenizer_config
 
     loaded = load_model(path, precision="bf16")  # the weights as trained; linears plain
     cfg = loaded.cfg
@@ -66,12 +79,15 @@ def export_hf(path: Path, out: Path) -> Path:
         raise UserError(f"export --format hf: model.arch '{cfg.model.arch}' has no Hugging Face class (only llama "
                         "exports); keep using megatron-lowp eval/generate for it")
     tok = Tokenizer.load(cfg.data.tokenizer)
+    hf_tok = build_hf_tokenizer(tok)
+    check_same_ids(hf_tok, tok)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(loaded.model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tok.bos_id, tok.eos_id), indent=1))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}))
-    shutil.copyfile(tok.path, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
-                                                          "add_eos_token": False}))
+    # Generation from nothing starts where every training document did: after EOS.
+    (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tok.eos_id, tok.eos_id), indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id}))
+    shutil.copyfile(tok.path, out / "tokenizer.model")  # the sentencepiece original, for other tools
+    hf_tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, cfg.model.max_seq_len), indent=1))
     return out

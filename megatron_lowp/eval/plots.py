@@ -6,9 +6,13 @@ serves a single run's `loss.png` and comparisons between runs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import matplotlib
+# The CLI logs at INFO; matplotlib's own INFO lines (building its font cache on a first import) are
+# not our users' business. Set before the import, which is when it logs.
+logging.getLogger("matplotlib").setLevel(logging.WARNING)
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only: no display needed, no GUI toolkit imported
 import matplotlib.pyplot as plt  # noqa: E402

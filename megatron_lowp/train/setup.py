@@ -8,6 +8,7 @@ from pathlib import Path
 
 from megatron_lowp.config import Config, config_to_dict
 from megatron_lowp.data import Tokenizer
+from megatron_lowp.data.tokenizer import resolve_vocab_size
 from megatron_lowp.errors import UserError
 from megatron_lowp.parallel import dist
 from megatron_lowp.run.checkpoint import meta_value
@@ -34,12 +35,8 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
 
 
 def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
-    """model.vocab_size: null follows the tokenizer; a smaller one than the tokenizer's is an error."""
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                        f"({tokenizer.vocab_size}, {cfg.data.tokenizer}); leave it null to follow the tokenizer")
+    """model.vocab_size: null follows the tokenizer (data/tokenizer.py, shared with `megatron-lowp config`)."""
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model.vocab_size, tokenizer, cfg.data.tokenizer)
 
 
 def prepare_run_dir_on_main(cfg: Config, main: bool) -> Path:
