@@ -11,7 +11,7 @@ Architectures are Natively 4-Bit" (2026). Reference: docs/papers.md sections 3.2
 - Normalization removes the scale a network needs, so it comes back as learned per-channel scalars:
   s_qk (attention temperature), s_u/s_v (MLP pre-activations), s_z (logits). alpha, s_qk and s_z
   are stored as `param = base_scale` (= init_std) and used as `param * (init / base_scale)`, so Adam
-  moves the effective value 1/base_scale times faster than the raw parameter (papers.md 3.2); s_u,
+  moves the effective value 1/base_scale times faster than the raw parameter (docs/papers.md §3.2); s_u,
   s_v are stored as 1 and used times sqrt(d_model).
 - Why it is natively 4-bit: every forward GEMM operand has |x| <= 1. Weight rows/columns and h are
   unit vectors, and with `ngpt_normalize_down_inputs` ("FNGPT") so are the inputs of attn.out and
@@ -152,6 +152,10 @@ class Block(nn.Module):
 
 
 class NGPT(nn.Module):
+    # The model contract (docs/models.md): after_optimizer_step puts every weight matrix back on the
+    # unit sphere, so an engine must give it whole, full-precision weights to renormalize.
+    constrains_weights = True
+
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, mlp_activation: str = "swiglu"):
         super().__init__()
         if cfg.vocab_size is None:
