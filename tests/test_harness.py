@@ -89,13 +89,15 @@ def test_is_greedy_is_true_for_the_models_own_greedy_continuation(lm):
 
 
 def test_batched_scores_equal_one_at_a_time_in_bf16(fp8_run):
-    """Right padding is invisible to causal attention, so batching changes nothing in BF16 (on the CPU
-    the scores are bit-identical)."""
+    """Right padding is invisible to causal attention, so batching changes nothing in BF16 but the
+    order of float sums: the CPU's BF16 GEMM kernels block other batch sizes differently on some
+    CPUs (bit-identical on one, up to 1.3e-6 relative apart on an AVX2 one), never the greedy flags."""
     one = HarnessLM(loaded=load_model(fp8_run.run_dir, precision="bf16"), batch_size=1)
     many = HarnessLM(loaded=one.loaded, batch_size=3)
     requests = [req("loglikelihood", q, " " + c) for q, choices, _ in QUESTIONS for c in choices]
     a, b = one.loglikelihood(requests), many.loglikelihood(requests)
-    assert a == b
+    assert [greedy for _, greedy in a] == [greedy for _, greedy in b]
+    assert [score for score, _ in a] == pytest.approx([score for score, _ in b], rel=1e-4, abs=0)
 
 
 def test_rolling_loglikelihood_predicts_every_token_exactly_once(lm, monkeypatch):
