@@ -2,13 +2,21 @@
 forward+backward time against nn.Linear, on one device. Prints tables and writes JSON.
 
     python scripts/bench_numerics.py [--device auto|cpu|cuda|hpu] [--elements N] [--sizes 4096x4096x4096 ...]
-        [--out FILE.json]
+        [--shapes 4096x256 4096x704 ...] [--dtype float32] [--threads N] [--profile] [--out FILE.json]
 
 Quantizer bandwidth counts the bytes read (input) and written (output of the same dtype, as
 fake_quantize returns) and is compared with a plain device-to-device copy of the same tensor,
 measured in the same run: the copy is the ceiling a memory-bound kernel can reach. Where the fused
 Triton kernels run, a second table times them alone (scales given, as delayed scaling gives them):
 bytes read (the BF16 input) plus bytes written (FP8 codes, or packed E2M1 codes and E4M3 block scales).
+
+The operand table times each quantizer at the shapes of GEMM operands (--shapes, --dtype), on the
+torch reference and on the fused path ``backend="auto"`` picks (inductor on the CPU, Triton on CUDA),
+as a share of a copy of the same tensor timed in the same loop: fake_quantize (read x, write x's dtype;
+what emulated GEMMs consume) and quantize (read x, write the packed codes and scales). --profile
+prints torch.profiler's operator table for one NVFP4 and one FP8 fake_quantize, reference and fused.
+Timings are medians over --repeats (the best repeat is kept too: on a shared machine it is the one
+least disturbed).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from megatron_lowp.device import get_device  # noqa: E402
-from megatron_lowp.numerics import FORMATS, SRGenerator, fake_quantize  # noqa: E402
+from megatron_lowp.numerics import FORMATS, SRGenerator, fake_quantize, quantize  # noqa: E402
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec  # noqa: E402
 
 
@@ -50,6 +58,55 @@ def timed(fn, device, repeats: int, warmup: int = 2, min_seconds: float = 0.005)
         device.synchronize()
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
+
+
+def timed_pair(fn, device, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of fn(), as `timed` measures them."""
+    times = []
+    timed(fn, device, 1)  # warm up (and compile) outside the measured repeats
+    for _ in range(repeats):
+        times.append(timed(fn, device, 1, warmup=0))
+    return statistics.median(times), min(times)
+
+
+def bench_operands(device, shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int) -> list[dict]:
+    """Each quantizer against a copy of the same operand, reference (torch) and fused (auto) paths."""
+    rows = []
+    for shape in shapes:
+        x = torch.randn(*shape, device=device.torch_device, dtype=dtype)
+        copy_med, copy_best = timed_pair(lambda x=x: x.clone(), device, repeats)
+        size = "x".join(map(str, shape))
+        rows.append({"shape": size, "op": "copy (reference)", "fmt": "-", "rounding": "-", "backend": "-",
+                     "seconds": copy_med, "best_seconds": copy_best, "pct_of_copy": 100.0, "best_pct_of_copy": 100.0})
+        for fmt in ("fp8_e4m3", "fp8_e5m2", "nvfp4"):
+            for rounding in ("nearest", "stochastic"):
+                for backend in ("torch", "auto"):
+                    for op, call in (("fake_quantize", fake_quantize), ("quantize", quantize)):
+                        gen = SRGenerator(0)
+                        med, best = timed_pair(lambda x=x, c=call, f=fmt, r=rounding, b=backend, g=gen:
+                                               c(x, f, rounding=r, generator=g, backend=b), device, repeats)
+                        rows.append({"shape": size, "op": op, "fmt": fmt, "rounding": rounding, "backend": backend,
+                                     "seconds": med, "best_seconds": best, "pct_of_copy": 100 * copy_med / med,
+                                     "best_pct_of_copy": 100 * copy_best / best})
+    return rows
+
+
+def profile_quantizers(device, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """torch.profiler's operator table (self CPU time) for NVFP4 and FP8 fake_quantize, reference and fused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(*shape, device=device.torch_device, dtype=dtype)
+    for fmt in ("nvfp4", "fp8_e4m3"):
+        for backend in ("torch", "auto"):
+            gen = SRGenerator(0)
+            for _ in range(2):  # warm up (and compile)
+                fake_quantize(x, fmt, generator=gen, backend=backend)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fake_quantize(x, fmt, generator=gen, backend=backend)
+            print(f"\nprofile: fake_quantize {fmt} nearest, backend={backend}, {'x'.join(map(str, shape))} {dtype} "
+                  "(3 calls)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def bench_quantizers(device, elements: int, dtype: torch.dtype, repeats: int) -> list[dict]:
@@ -144,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", default=None, metavar="TOKENSxKxN",
                         help="linear layer shapes (default: 512 and 1024 cubed on CPU; 4096^3 and 8192x4096->11008 elsewhere)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="ROWSxCOLS",
+                        help="operand shapes for the per-operand table (default: the tiny model's 4096x256 and "
+                             "4096x704 and a larger 4096x4096, or (N/256)x256 with --elements N; 0 skips the table)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="operand dtype")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave it)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables at 4096x704")
     parser.add_argument("--out", default="bench/bench_numerics.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     on_cpu = device.capabilities.name == "cpu"
     elements = args.elements or (16 * 2**20 if on_cpu else 128 * 2**20)
@@ -153,7 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes:
         sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
     autocast_dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
-    print(f"device: {device.capabilities.name}; torch {torch.__version__}; input {elements:,} bf16 elements")
+    dtype = getattr(torch, args.dtype)
+    # the tiny model's operands and a larger one; with --elements alone, one operand of that size
+    shapes = [(4096, 256), (4096, 704), (4096, 4096)] if args.elements is None else [(args.elements // 256, 256)]
+    if args.shapes:
+        shapes = [] if args.shapes == ["0"] else [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    print(f"device: {device.capabilities.name}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          f"input {elements:,} bf16 elements")
+    if args.profile:
+        profile_quantizers(device, (4096, 704), dtype)
+    operands = bench_operands(device, shapes, dtype, args.repeats)
+    if operands:
+        print(f"per operand ({args.dtype}): median seconds and % of a copy's throughput (best repeat alongside)")
+        print_table(operands, ["shape", "op", "fmt", "rounding", "backend", "seconds", "pct_of_copy", "best_pct_of_copy"])
+        print()
 
     quant = bench_quantizers(device, elements, torch.bfloat16, args.repeats)
     print_table(quant, ["op", "rounding", "seconds", "elements_per_s", "GB_per_s", "vs_copy"])
@@ -171,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(linears, ["size", "layer", "seconds", "vs_linear"])
 
     result = {"device": device.capabilities.name, "torch": torch.__version__, "python": platform.python_version(),
-              "host": platform.node(), "elements": elements, "quantizers": quant, "kernels": kernels, "linears": linears,
+              "host": platform.node(), "threads": torch.get_num_threads(), "elements": elements, "quantizers": quant,
+              "kernels": kernels, "operands": operands, "linears": linears,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

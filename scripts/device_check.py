@@ -416,8 +416,8 @@ def report(out: Path, work: Path, steps: list[Step], info: dict, dry_run: bool, 
           f"{info.get('device', '?')}; torch {info.get('torch', '?')} (CUDA {info.get('torch_cuda')}), triton "
           f"{info.get('triton')}, python {info.get('python', '?')}; {info.get('nvidia_smi', '')}", "",
           f"Budget {budget.seconds:.0f} s, used {budget.elapsed():.0f} s.", "", "## Steps", "",
-          markdown_table([s.row() for s in steps], [("name", "step"), ("status", "status"), ("seconds", "seconds"),
-                                                    ("timeout_s", "time box (s)"), ("note", "note")]),
+          markdown_table([s.row() for s in steps], [("name", "step"), ("status", "status"), ("seconds", "seconds", ".1f"),
+                                                    ("timeout_s", "time box (s)", ".0f"), ("note", "note")]),
           "## Targets", "", markdown_table(checks, CHECK_COLUMNS)]
     tests = results["tests"]
     if tests:
@@ -437,8 +437,8 @@ def report(out: Path, work: Path, steps: list[Step], info: dict, dry_run: bool, 
         if table.is_file():
             md += [f"## Training throughput, {name[6:]}", "", table.read_text()]
     if results["profile"]:
-        cols = [("label", "recipe"), ("step_s", "step (s)"), *[(f"{c}_pct", f"{c} %") for c in CATEGORIES],
-                ("idle_pct", "GPU idle %"), ("syncs_per_step", "syncs/step")]
+        cols = [("label", "recipe"), ("step_s", "step (s)", ".3f"), *[(f"{c}_pct", f"{c} %", ".1f") for c in CATEGORIES],
+                ("idle_pct", "GPU idle %", ".1f"), ("syncs_per_step", "syncs/step", ".0f")]
         md += ["## Profile (350m, share of the step's wall time)", "", markdown_table(results["profile"], cols),
                "What to fix first:", "", *fixes(results), ""]
     md += ["## Costs", "", *costs(results), ""]

@@ -181,17 +181,20 @@ def machine_info(log_dir: Path, env: dict[str, str], timeout_s: float = 90) -> t
     return info, step
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A markdown table of rows; columns are (key, header); floats get a sensible width."""
-    def cell(v) -> str:
+def markdown_table(rows: list[dict], columns: list[tuple]) -> str:
+    """A markdown table of rows; columns are (key, header) or (key, header, format spec); floats
+    without a spec get a sensible width."""
+    def cell(v, spec: str | None) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
+            if spec:
+                return format(v, spec)
             return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.3f}"
         return str(v)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c[0]), c[2] if len(c) > 2 else None) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -263,7 +263,7 @@ def gap_table(vals: dict[str, dict[int, float]], steps: int) -> str:
         for name in runs:
             rows.append({"run": f"{name} - {base}", **{str(s): gap_pct(vals.get(name, {}), vals.get(base, {}), s)
                                                         for s in points}})
-    return markdown_table(rows, [("run", "gap % at step"), *[(str(s), str(s)) for s in points]])
+    return markdown_table(rows, [("run", "gap % at step"), *[(str(s), str(s), "+.2f") for s in points]])
 
 
 # --- the script -------------------------------------------------------------------------------------
@@ -299,15 +299,16 @@ def write_report(out: Path, work: Path, ctx: dict, steps_done: list[Step], budge
           "## Targets (final validation loss, equal tokens)", "", markdown_table(checks, CHECK_COLUMNS),
           "## Validation gap over the run", "", gap_table(vals, ctx.get("steps", 0)),
           "## Runs", "", markdown_table(runs, [("run", "run"), ("status", "status"), ("steps", "steps"),
-                                               ("tokens", "tokens"), ("final_val_loss", "final val loss"),
-                                               ("tokens_per_s", "tokens/s (median)"), ("wall_s", "wall (s)"),
-                                               ("predicted_s", "predicted (s)")])]
+                                               ("tokens", "tokens"), ("final_val_loss", "final val loss", ".4f"),
+                                               ("tokens_per_s", "tokens/s (median)", ",.0f"), ("wall_s", "wall (s)", ".0f"),
+                                               ("predicted_s", "predicted (s)", ".0f")])]
     for pair in PAIRS:
         path = work / f"compare-{pair}" / "report.md"
         if path.is_file():
             md += [f"## megatron-lowp compare: {pair}", "", path.read_text().replace("# Comparison", "### Comparison")]
     md += ["## Steps", "", markdown_table([s.row() for s in steps_done], [("name", "step"), ("status", "status"),
-                                                                          ("seconds", "seconds"), ("timeout_s", "time box (s)"),
+                                                                          ("seconds", "seconds", ".1f"),
+                                                                          ("timeout_s", "time box (s)", ".0f"),
                                                                           ("note", "note")])]
     for s in steps_done:
         if s.status in ("failed", "timed out"):
