@@ -55,19 +55,36 @@ def normalize_axis(axis: int, ndim: int, fmt: str) -> int:
     return axis % ndim
 
 
-def to_blocks(x: torch.Tensor, axis: int, block_size: int, fmt: str) -> torch.Tensor:
-    """Move axis last and split it into (n_blocks, block_size); the size must divide."""
-    if x.ndim == 0:
+def check_block_axis(shape: torch.Size, axis: int, block_size: int, fmt: str) -> int:
+    """The normalized block axis; UserError unless block_size divides its size."""
+    if len(shape) == 0:
         raise UserError(f"{fmt}: x must have at least one dimension to form blocks")
-    ax = normalize_axis(axis, x.ndim, fmt)
-    n = x.shape[ax]
+    ax = normalize_axis(axis, len(shape), fmt)
+    n = shape[ax]
     if n % block_size != 0:
         raise UserError(
             f"{fmt}: block size {block_size} does not divide dimension {ax} (size {n}); "
             f"blocks run along axis={axis}, so that size must be a multiple of {block_size}"
         )
+    return ax
+
+
+def check_tile(shape: torch.Size, axis: int, block_size: int, fmt: str) -> None:
+    """UserError unless x is 2-D and its other dimension (not the block axis) is a multiple of block_size."""
+    if len(shape) != 2:
+        raise UserError(f"{fmt}: tile=True needs a 2-D tensor (a weight), got {len(shape)}-D")
+    rows = shape[1 - axis % 2]
+    if rows % block_size != 0:
+        raise UserError(
+            f"{fmt}: tile=True needs the other dimension (size {rows}) to be a multiple of the block size {block_size}"
+        )
+
+
+def to_blocks(x: torch.Tensor, axis: int, block_size: int, fmt: str) -> torch.Tensor:
+    """Move axis last and split it into (n_blocks, block_size); the size must divide."""
+    ax = check_block_axis(x.shape, axis, block_size, fmt)
     xm = x.movedim(ax, -1)
-    return xm.reshape(*xm.shape[:-1], n // block_size, block_size)
+    return xm.reshape(*xm.shape[:-1], x.shape[ax] // block_size, block_size)
 
 
 def from_blocks(xb: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor:
@@ -77,42 +94,40 @@ def from_blocks(xb: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor:
     return xm.movedim(-1, ax).reshape(shape)
 
 
-def _block_amax(xb: torch.Tensor, tile: bool, fmt: str) -> torch.Tensor:
-    """max |x| per block (..., n_blocks, 1); with tile, per block_size x block_size tile, repeated per row."""
+def _block_amax(xb: torch.Tensor, tile: bool) -> torch.Tensor:
+    """max |x| per block (..., n_blocks, 1); with tile (xb from a 2-D x that passed check_tile), per
+    block_size x block_size tile, repeated per row."""
     a = xb.abs().amax(dim=-1, keepdim=True)
     if not tile:
         return a
-    if xb.ndim != 3:
-        raise UserError(f"{fmt}: tile=True needs a 2-D tensor (a weight), got {xb.ndim - 1}-D")
     rows, nb, bs = xb.shape
-    if rows % bs != 0:
-        raise UserError(
-            f"{fmt}: tile=True needs the other dimension (size {rows}) to be a multiple of the block size {bs}"
-        )
     tiles = a.reshape(rows // bs, bs, nb, 1).amax(dim=1, keepdim=True)
     return tiles.expand(rows // bs, bs, nb, 1).reshape(rows, nb, 1)
+
+
+def check_tensor_scale(tensor_scale: str, tensor_amax: float | None, scale_rounding: str) -> None:
+    if tensor_scale not in TENSOR_SCALES:
+        raise UserError(f"tensor_scale: {tensor_scale!r} is not one of {', '.join(TENSOR_SCALES)}")
+    if scale_rounding not in SCALE_ROUNDINGS:
+        raise UserError(f"scale_rounding: {scale_rounding!r} is not one of {', '.join(SCALE_ROUNDINGS)}")
+    if tensor_scale == "fixed":
+        if not isinstance(tensor_amax, (int, float)) or not 0 < tensor_amax < float("inf"):
+            raise UserError(f"tensor_amax: {tensor_amax!r} must be a positive finite number with tensor_scale='fixed'")
+    elif tensor_amax is not None:
+        raise UserError("tensor_amax: only allowed with tensor_scale='fixed'")
 
 
 def nvfp4_tensor_scale(
     x: torch.Tensor, tensor_scale: str, tensor_amax: float | None, scale_rounding: str
 ) -> torch.Tensor:
     """S (decode convention: multiply to encode) or t (encode convention: divide to encode)."""
-    if tensor_scale not in TENSOR_SCALES:
-        raise UserError(f"tensor_scale: {tensor_scale!r} is not one of {', '.join(TENSOR_SCALES)}")
-    if scale_rounding not in SCALE_ROUNDINGS:
-        raise UserError(f"scale_rounding: {scale_rounding!r} is not one of {', '.join(SCALE_ROUNDINGS)}")
+    check_tensor_scale(tensor_scale, tensor_amax, scale_rounding)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     if tensor_scale == "off":
-        if tensor_amax is not None:
-            raise UserError("tensor_amax: only allowed with tensor_scale='fixed'")
         return one
     if tensor_scale == "fixed":
-        if not isinstance(tensor_amax, (int, float)) or not 0 < tensor_amax < float("inf"):
-            raise UserError(f"tensor_amax: {tensor_amax!r} must be a positive finite number with tensor_scale='fixed'")
         amax = torch.tensor(float(tensor_amax), dtype=torch.float32, device=x.device)
     else:
-        if tensor_amax is not None:
-            raise UserError("tensor_amax: only allowed with tensor_scale='fixed'")
         amax = x.abs().amax().to(torch.float32)
     if scale_rounding == "decode":
         s = torch.clamp(NVFP4_GLOBAL / amax, max=torch.finfo(torch.float32).max)
@@ -132,14 +147,14 @@ def nvfp4_blocks(
     """Quantize float32 blocks (..., n_blocks, 16) to NVFP4 (values, E4M3 scale per block, tensor scale)."""
     if scale_rounding == "decode":
         S = tensor_scale
-        d = round_to_format((_block_amax(xb, tile, "nvfp4") / E2M1.max_value) * S, E4M3)
+        d = round_to_format((_block_amax(xb, tile) / E2M1.max_value) * S, E4M3)
         e = torch.where(d > 0, S / d, torch.zeros_like(d))
         q = round_to_format(xb * e, E2M1, rounding, u)
         return Blocked(q, d, S)
     t = tensor_scale
     xs = xb.abs() / t
-    m = round_to_format(E2M1.max_value / _block_amax(xs, tile, "nvfp4"), E4M3)  # inf -> 448 by saturation
-    m = torch.where(torch.isfinite(m) & (m > 0) & (_block_amax(xs, tile, "nvfp4") > 0), m, torch.ones_like(m))
+    m = round_to_format(E2M1.max_value / _block_amax(xs, tile), E4M3)  # inf -> 448 by saturation
+    m = torch.where(torch.isfinite(m) & (m > 0) & (_block_amax(xs, tile) > 0), m, torch.ones_like(m))
     q = round_to_format(torch.copysign(xs * m, xb), E2M1, rounding, u)
     return Blocked(q, m, t)
 

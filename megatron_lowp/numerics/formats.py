@@ -59,7 +59,7 @@ E4M3_GAUDI2 = FloatFormat("e4m3_gaudi2", exp_bits=4, man_bits=3, bias=7, max_val
 E5M2 = FloatFormat("e5m2", exp_bits=5, man_bits=2, bias=15, max_value=57344.0)
 E2M1 = FloatFormat("e2m1", exp_bits=2, man_bits=1, bias=1, max_value=6.0)
 
-# E4M3 flavours a user can pick; Gaudi2's E4M3 stops at 240 (papers.md 1.2).
+# E4M3 flavours a user can pick; Gaudi2's E4M3 stops at 240 (docs/papers.md §1.2).
 E4M3_FLAVOURS: dict[str, FloatFormat] = {"ocp": E4M3, "gaudi2": E4M3_GAUDI2}
 
 # Where a format's values are stored losslessly in torch (the Gaudi2 grid is a subset of e4m3fn's).

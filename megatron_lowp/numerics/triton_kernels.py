@@ -19,8 +19,8 @@ with the counter-based hash of sr_random.py: counter = generator offset + row-ma
 and the generator advances by numel exactly as the torch path does.
 
 triton is imported lazily; kernels are built on first use, separately for compiled and interpreted
-(``TRITON_INTERPRET=1``) mode. Dispatch lives in quantize.py (``backend=``); ``unsupported_reason``
-says which calls these kernels cover.
+(``TRITON_INTERPRET=1``) mode. Which calls they cover is each format's ``fused_reason`` (fp8_format.py,
+nvfp4_format.py); fused_dispatch.py runs them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_lowp.device.kernels import triton_kernels_usable
 from megatron_lowp.numerics.formats import E2M1, E4M3, TORCH_DTYPES, FloatFormat
 from megatron_lowp.numerics.sr_random import SRGenerator, _keys, default_generator
 
@@ -47,37 +46,6 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def unsupported_reason(x: torch.Tensor, fmt: str, rounding: str, axis: int, options: dict[str, Any]) -> str | None:
-    """Why the fused kernels cannot serve this quantize call; None when they can."""
-
-    if not triton_kernels_usable(x):
-        return "triton is not importable, or x is on a device it cannot run on (TRITON_INTERPRET=1 runs CPU tensors)"
-    if rounding not in ("nearest", "stochastic"):
-        return f"rounding {rounding!r} has no kernel"
-    if fmt in ("fp8_e4m3", "fp8_e5m2"):
-        scale = options.get("scale")
-        if scale is not None:
-            if torch.as_tensor(scale).numel() != 1:
-                return "only a per-tensor (single) scale has a kernel"
-        elif options.get("scaling", "tensor") != "tensor":
-            return "only scaling='tensor' has a kernel (channel scaling runs in torch)"
-        return None
-    if fmt == "nvfp4":
-        if options.get("scale_rounding", "decode") != "decode":
-            return "only scale_rounding='decode' has a kernel"
-        if options.get("tile", False) is not False:
-            return "tile=True has no kernel"
-        bs = options.get("block_size", 16)
-        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 2 or bs & (bs - 1):
-            return f"block_size={bs!r}: the kernel needs a power of two"
-        if x.ndim == 0 or axis % x.ndim != x.ndim - 1:
-            return "the kernel blocks along the last axis only"
-        if x.shape[-1] % bs:
-            return f"the last dimension ({x.shape[-1]}) is not a multiple of block_size={bs}"
-        return None
-    return f"format {fmt!r} has no kernel (covered: fp8_e4m3, fp8_e5m2, nvfp4)"
 
 
 # The kernel bodies below are plain functions; ``_kernels`` re-creates them over a private globals

@@ -16,6 +16,7 @@ from torch import nn
 
 from megatron_lowp.config.schema import RoleConfig
 from megatron_lowp.errors import UserError
+from megatron_lowp.numerics import FORMATS
 from megatron_lowp.precision.lifecycle import LifecycleSettings, QuantizedLifecycle
 from megatron_lowp.precision.quantized_linear import QuantizedLinear
 from megatron_lowp.precision.recipe import PrecisionRecipe, mlp_activation, register_recipe
@@ -29,19 +30,11 @@ def role_spec(role: RoleConfig, key: str = "precision.<role>", e4m3_max: float =
     `e4m3_max` is the device's E4M3 maximum, used where the role's flavour is "device"."""
     if role.format is None:
         return None
-    if role.amax == "delayed" and not (role.format.startswith("fp8") and role.scaling == "tensor"):
+    fmt = FORMATS[role.format]
+    options = fmt.options_from_config(vars(role), e4m3_max)
+    if role.amax == "delayed" and not fmt.per_tensor_fp8(options):
         raise UserError(f"{key}.amax: 'delayed' needs a per-tensor FP8 format (fp8_e4m3 or fp8_e5m2 with "
                         f"scaling: tensor), not {role.format} with scaling {role.scaling}")
-    options: dict = {}
-    if role.format.startswith("fp8"):
-        options = {"scaling": role.scaling, "power_of_two": role.power_of_two}
-        if role.format == "fp8_e4m3":
-            flavour = role.flavour if role.flavour != "device" else ("gaudi2" if e4m3_max == 240.0 else "ocp")
-            options["flavour"] = flavour
-    elif role.format == "nvfp4":
-        options = {"tensor_scale": role.tensor_scale, "scale_rounding": role.scale_rounding, "tile": role.tile}
-        if role.tensor_scale == "fixed":
-            options["tensor_amax"] = role.tensor_amax if role.tensor_amax is not None else 1.0
     history = role.amax_history if role.amax == "delayed" else 0
     return QuantSpec(role.format, role.rounding, tuple(sorted(options.items())), amax_history=history)
 
