@@ -1,0 +1,185 @@
+"""One-pass quantizers for the CPU: each operand's whole quantization as one torch.compile'd graph.
+
+The torch reference (the format classes) runs a quantization as a dozen separate passes over memory
+(finiteness check, amax, block maxima through a moved/reshaped copy, frexp/ldexp rounding in float64
+scales, a LUT gather to pack). Here the same formulas are written so that inductor fuses them into one
+C++ loop nest per operand: a reduction loop for the tensor amax, then one loop that reads x once and
+writes the result (block maxima are reduced inside it, over each block's 16 or 32 elements):
+
+* rounding onto a grid reads the binade from the float32 bits instead of frexp/ldexp (the same
+  numbers: ulp = 2^(max(floor(log2 a), min_exp) - man_bits), a / ulp as an exact multiplication);
+* stochastic rounding draws its uniforms in the loop from sr_random's counter hash (same counters:
+  generator offset + row-major index), so the stream equals the torch and Triton paths bit for bit;
+* codes (FP8 bytes, E2M1 nibbles, E4M3 block scales) come from the float32 bits of grid values;
+* a non-last block axis is a view (pre, n_blocks, block, post) of x, not a moved copy.
+
+Every graph returns the tensor amax of x as well, which is NaN/Inf when x holds one: callers raise
+their UserError from it (no separate isfinite pass). Shapes are dynamic (one compiled graph serves
+every layer). A format's constants (max, exponent range, mantissa bits, block size, rounding mode)
+are Python numbers closed over by its own copy of the graph function, with a code object of its own:
+dynamo then specializes on them, and no two formats share (or exhaust) one compile cache. The torch
+reference stays the oracle: tests/test_numerics_fused.py checks every graph bit for bit against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from collections.abc import Callable
+
+import torch
+
+from megatron_lowp.numerics.blocks import NVFP4_GLOBAL
+from megatron_lowp.numerics.formats import E2M1, E4M3, FloatFormat
+from megatron_lowp.numerics.sr_random import fmix32
+
+_F32_MAX = torch.finfo(torch.float32).max
+_MASK32 = 0xFFFFFFFF
+
+
+@functools.cache
+def _consts(fmt: FloatFormat) -> tuple:
+    """(max, min exponent, mantissa bits, bias, min normal, 1 / min subnormal): plain numbers to close over."""
+    return fmt.max_value, fmt.min_exponent, fmt.man_bits, fmt.bias, fmt.min_normal, 1.0 / fmt.min_subnormal
+
+
+def _grid_magnitude(a: torch.Tensor, c: tuple, u: torch.Tensor | None) -> torch.Tensor:
+    """round_to_format(a) for float32 a >= 0 under format constants c (saturating; nearest-even, or
+    stochastic with uniforms u)."""
+    maxv, min_exp, man = c[0], c[1], c[2]
+    a = torch.clamp(a, max=maxv)
+    e = torch.clamp(((a.view(torch.int32) >> 23) & 0xFF) - 127, min=min_exp)
+    ulp = ((e - man + 127) << 23).view(torch.float32)
+    scaled = a * ((man - e + 127) << 23).view(torch.float32)  # exact: a / ulp
+    if u is None:
+        return torch.round(scaled) * ulp
+    low = torch.floor(scaled)
+    return (low + (u < scaled - low).to(torch.float32)) * ulp
+
+
+def _code(v: torch.Tensor, c: tuple) -> torch.Tensor:
+    """The unsigned code (int32) of grid magnitudes v >= 0: biased exponent and mantissa, or subnormal."""
+    man, bias, min_normal, inv_min_sub = c[2], c[3], c[4], c[5]
+    bits = v.view(torch.int32)
+    normal = ((((bits >> 23) & 0xFF) - 127 + bias) << man) | ((bits >> (23 - man)) & ((1 << man) - 1))
+    sub = (torch.clamp(v, max=min_normal) * inv_min_sub).to(torch.int32)
+    return torch.where(v >= min_normal, normal, sub)
+
+
+def _uniform(sr: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
+    """sr_random's uniforms for counters sr[0] + 0 .. numel - 1, with seed keys sr[1], sr[2]."""
+    counter = torch.arange(numel, dtype=torch.int64, device=device) + sr[0]
+    lo, hi = counter & _MASK32, counter >> 32
+    h = fmix32(fmix32(lo ^ sr[1]) + hi + sr[2] & _MASK32)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def _scale_from_amax(a: torch.Tensor, fmt_max: float, power_of_two: bool) -> torch.Tensor:
+    """scaling.scale_from_amax for a 0-d float32 amax, the power of two read from the float32 bits."""
+    if power_of_two:
+        # the reference: k = e_max - e_a - (m_a > m_max) with frexp exponents and mantissas; for a normal
+        # float32, frexp's exponent is its biased field - 126 and mantissas compare as their 23 bits
+        m_max, e_max = math.frexp(fmt_max)
+        max_mantissa = int((2 * m_max - 1) * 2**23)
+        bits = a.view(torch.int32)
+        field = (bits >> 23) & 0xFF
+        k = e_max - (field - 126) - ((bits & 0x7FFFFF) > max_mantissa).to(torch.int32)
+        s = ((torch.clamp(k, -126, 127) + 127) << 23).view(torch.float32)
+        s = torch.where(field > 0, s, torch.full_like(s, 2.0**127))  # a subnormal amax: k > 127, clamped
+    else:
+        s = torch.clamp(fmt_max / a, max=_F32_MAX)
+    return torch.where(a > 0, s, torch.ones_like(s))
+
+
+def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: torch.dtype) -> Callable:
+    c = _consts(fmt)
+
+    def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None):
+        """Per-tensor FP8: (x dequantized in out_dtype, or uint8 codes), the scale, amax(|x|)."""
+        x32 = x.to(torch.float32)
+        amax = x32.abs().amax()
+        s = _scale_from_amax(amax, c[0], power_of_two) if scale is None else scale
+        y = x32 * s
+        u = None if sr is None else _uniform(sr, x32.numel(), x32.device).view(x32.shape)
+        v = _grid_magnitude(y.abs(), c, u)
+        if codes:
+            return (_code(v, c) | (torch.signbit(y).to(torch.int32) << 7)).to(torch.uint8), s, amax
+        return (torch.copysign(v, y) / s).to(out_dtype), s, amax
+
+    return fp8
+
+
+def _nvfp4_graph(axis: int, bs: int, tile: bool, scale_off: bool, codes: bool, out_dtype: torch.dtype) -> Callable:
+    e2m1, e4m3 = _consts(E2M1), _consts(E4M3)
+
+    def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None):
+        """NVFP4 (decode convention) with blocks of bs along axis (with tile, 2-D x in bs x bs tiles,
+        whichever axis). Returns x dequantized in out_dtype, or (packed E2M1 codes, E4M3 scale codes) in
+        the stored layout (block axis last); then S and amax(|x|)."""
+        pre, nb, post = x.shape[:axis].numel(), x.shape[axis] // bs, x.shape[axis + 1:].numel()
+        x32 = x.to(torch.float32)
+        amax = x32.abs().amax()
+        if scale_off:
+            S = torch.ones((), dtype=torch.float32, device=x.device)
+        else:
+            top = amax if tensor_amax is None else tensor_amax
+            S = torch.clamp(NVFP4_GLOBAL / top, max=_F32_MAX)
+            S = torch.where((top > 0) & (S > 0), S, torch.ones_like(S))
+        # a contiguous view of x in which one scale covers each slice along dims 1 and 3 (tile) or 2
+        view = (x.shape[0] // bs, bs, x.shape[1] // bs, bs) if tile else (pre, nb, bs, post)
+        xv = x32.reshape(view)
+        bmax = xv.abs().amax(dim=(1, 3) if tile else 2, keepdim=True)
+        d = _grid_magnitude((bmax / e2m1[0]) * S, e4m3, None)
+        e = torch.where(d > 0, S / d, torch.zeros_like(d))
+        y = xv * e
+        u = None if sr is None else _uniform(sr, x32.numel(), x32.device).view(view)
+        v = _grid_magnitude(y.abs(), e2m1, u)
+        if not codes:
+            return ((torch.copysign(v, y) * d) / S).reshape(x.shape).to(out_dtype), S, amax
+        q = (_code(v, e2m1) | (torch.signbit(y).to(torch.int32) << 3)).reshape(pre, nb, bs, post)
+        q = q.permute(0, 3, 1, 2).reshape(pre, post, nb, bs // 2, 2)  # the stored layout: block axis last
+        packed = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8).reshape(pre, post, nb * bs // 2)
+        d_blocks = d.expand(view).reshape(pre, nb, bs, post)[:, :, 0, :]
+        return (packed, _code(d_blocks, e4m3).to(torch.uint8).permute(0, 2, 1)), S, amax
+
+    return nvfp4
+
+
+@functools.cache
+def _compiled(factory: Callable, *static) -> Callable:
+    """factory(*static)'s graph function, compiled; its code object is renamed per configuration so
+    that each has a dynamo cache of its own."""
+    fn = factory(*static)
+    name = f"{fn.__name__}_{abs(hash(static)):x}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(fn, dynamic=True)
+
+
+def _run(factory: Callable, static: tuple, *args):
+    # The closed-over numbers must be constants of the graph: left symbolic (dynamo's default for
+    # floats), graphs of two formats looked alike and one format's constants served the other
+    # (measured: E5M2 calls saturating at E4M3's 448). Tensor sizes stay dynamic.
+    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True):
+        return _compiled(factory, *static)(*args)
+
+
+def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *, fmt: FloatFormat,
+        power_of_two: bool, codes: bool, out_dtype: torch.dtype):
+    """Per-tensor FP8 of x: given scale (0-d float32) or None for current scaling; sr = (offset, k0, k1)
+    as int64 or None for round-to-nearest. Returns (x dequantized, or uint8 codes in x's shape), s, amax."""
+    return _run(_fp8_graph, (fmt, power_of_two, codes, out_dtype), x, scale, sr)
+
+
+def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None, *, axis: int, block_size: int,
+          tile: bool, scale_off: bool, codes: bool, out_dtype: torch.dtype):
+    """NVFP4 of x with blocks along axis (>= 0); tensor_amax (0-d) for a fixed tensor scale, None for the
+    current amax (or scale_off). Returns (x dequantized | (packed codes (pre, post, n/2), E4M3 scale codes
+    (pre, post, n_blocks)) with pre/post the sizes before/after axis), S, amax."""
+    return _run(_nvfp4_graph, (axis, block_size, tile, scale_off, codes, out_dtype), x, tensor_amax, sr)
+
+
+# the uncompiled graphs, for tests that compare a compiled graph with its own source
+def eager_fp8(x, scale, sr, *, fmt, power_of_two, codes, out_dtype):
+    return _fp8_graph(fmt, power_of_two, codes, out_dtype)(x, scale, sr)

@@ -1,0 +1,108 @@
+"""Running a format on a fused backend: which devices each backend serves, the SR counters, the checks.
+
+* "triton": the kernels of triton_kernels.py, on CUDA tensors (CPU tensors under TRITON_INTERPRET=1);
+* "inductor": the torch.compile'd graphs of fused_cpu.py, on CPU tensors (off with
+  MEGATRON_LOWP_CPU_COMPILE=0).
+
+Both give the torch reference's bits and draw the same SR stream: the generator's (seed, offset) is
+read here and advanced by numel after a successful call, as SRGenerator.uniform does. The inductor
+graphs return amax(|x|), from which the NaN/Inf check is made without a pass of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from megatron_lowp.device.kernels import triton_kernels_usable
+from megatron_lowp.numerics import blocks, cpu_compile, fused_cpu
+from megatron_lowp.numerics.formats import TORCH_DTYPES, FloatFormat
+from megatron_lowp.numerics.number_format import (
+    NumberFormat,
+    QuantizedTensor,
+    check_input,
+    raise_not_finite,
+    stored_axis,
+)
+from megatron_lowp.numerics.sr_random import SRGenerator, _keys, default_generator
+
+
+def device_reason(backend: str, x: torch.Tensor) -> str | None:
+    """Why `backend` cannot run on x's device at all; None when it can."""
+    if backend == "triton" and not triton_kernels_usable(x):
+        return "triton is not importable, or x is on a device it cannot run on (TRITON_INTERPRET=1 runs CPU tensors)"
+    if backend == "inductor":
+        if x.device.type != "cpu" or not cpu_compile.enabled():
+            return "inductor fuses CPU tensors only (and MEGATRON_LOWP_CPU_COMPILE=0 turns it off)"
+        if x.numel() == 0:
+            return "x has no elements"
+    return None
+
+
+def _sr_tensor(rounding: str, generator: SRGenerator | None, device: torch.device) -> torch.Tensor | None:
+    """(offset, k0, k1) of the generator as an int64 tensor (a tensor, so that a new offset is no recompile)."""
+    if rounding != "stochastic":
+        return None
+    gen = default_generator() if generator is None else generator
+    return torch.tensor([gen.offset, *_keys(gen.seed)], dtype=torch.int64, device=device)
+
+
+def _advance(rounding: str, generator: SRGenerator | None, numel: int) -> None:
+    if rounding == "stochastic":
+        (default_generator() if generator is None else generator).offset += numel
+
+
+def _finish(fmt: str, amax: torch.Tensor, options: Mapping[str, Any], rounding: str,
+            generator: SRGenerator | None, numel: int) -> None:
+    if options.get("check_finite", True) and not bool(torch.isfinite(amax)):
+        raise_not_finite(fmt)
+    _advance(rounding, generator, numel)
+
+
+def fp8(backend: str, x: torch.Tensor, fmt: NumberFormat, elem: FloatFormat, rounding: str, axis: int,
+        generator: SRGenerator | None, options: Mapping[str, Any], codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 on a fused backend: (float8 data, or x dequantized in x's dtype; the scale)."""
+    if backend == "triton":
+        from megatron_lowp.numerics import triton_kernels
+
+        x32 = check_input(x, fmt.name, options.get("check_finite", True))
+        s = fmt.scale(x32, axis, options)
+        return triton_kernels.fp8_quantize(x32, s, elem, rounding, generator)[0], s
+    given = fmt.given_scale(options, x.device)  # one value (fused_reason checked)
+    out, s, amax = fused_cpu.fp8(x.detach().contiguous(), None if given is None else given.reshape(()),
+                                 _sr_tensor(rounding, generator, x.device), fmt=elem,
+                                 power_of_two=options.get("power_of_two", False), codes=codes, out_dtype=x.dtype)
+    _finish(fmt.name, amax, options, rounding, generator, x.numel())
+    return (out.view(TORCH_DTYPES[elem.name]) if codes else out), (s if given is None else given)
+
+
+def nvfp4(backend: str, x: torch.Tensor, fmt: NumberFormat, bs: int, rounding: str, axis: int,
+          generator: SRGenerator | None, options: Mapping[str, Any], codes: bool) -> QuantizedTensor | torch.Tensor:
+    """NVFP4 (decode convention) on a fused backend: the QuantizedTensor, or x dequantized in x's dtype."""
+    mode, given_amax = options.get("tensor_scale", "amax"), options.get("tensor_amax")
+    meta = {"block_size": bs, "scale_rounding": "decode"}
+    if backend == "triton":
+        from megatron_lowp.numerics import triton_kernels
+
+        x32 = check_input(x, fmt.name, options.get("check_finite", True))
+        ts = blocks.nvfp4_tensor_scale(x32, mode, given_amax, "decode")
+        data, scale = triton_kernels.nvfp4_quantize(x32, ts, rounding, generator, bs)
+        qt = QuantizedTensor(fmt.name, data, scale, ts, x.shape, stored_axis(x, axis), x.dtype, meta)
+        return qt if codes else qt.dequantize(x.dtype)
+    ax = blocks.check_block_axis(x.shape, axis, bs, fmt.name)
+    tile = options.get("tile", False)
+    if tile:
+        blocks.check_tile(x.shape, ax, bs, fmt.name)
+    tensor_amax = None if mode != "fixed" else torch.tensor(float(given_amax), dtype=torch.float32, device=x.device)
+    out, S, amax = fused_cpu.nvfp4(x.detach().contiguous(), tensor_amax, _sr_tensor(rounding, generator, x.device),
+                                   axis=ax, block_size=bs, tile=tile, scale_off=mode == "off", codes=codes,
+                                   out_dtype=x.dtype)
+    _finish(fmt.name, amax, options, rounding, generator, x.numel())
+    if not codes:
+        return out
+    lead = (*x.shape[:ax], *x.shape[ax + 1:])
+    data = out[0].reshape(*lead, x.shape[ax] // 2)
+    scale = out[1].reshape(*lead, x.shape[ax] // bs).view(torch.float8_e4m3fn)
+    return QuantizedTensor(fmt.name, data, scale, S, x.shape, ax, x.dtype, meta)
