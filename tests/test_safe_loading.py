@@ -223,6 +223,6 @@ def test_deepspeed_resume_refuses_crafted_checkpoints(tmp_path):
     tamper(run / "checkpoints" / "step_3", "bytes", marker)
     _, output = launch(tmp_path, "ds", 2, "parallel.engine=deepspeed", "parallel.zero_stage=2", expect_rc=2)
     _no_marker(marker)
-    assert "Traceback" not in output
+    assert "megatron_lowp/" not in output  # no traceback through our code (torchrun prints its own report)
     errors = [line for line in output.splitlines() if line.startswith("megatron-lowp: error:")]
     assert errors and all("step_3" in e and "optim.param_groups.0.lr" in e for e in errors), output[-2000:]
