@@ -34,7 +34,7 @@ def test_skip_policy_skips_the_update_and_counts_it(repo, tmp_path, monkeypatch)
     poison(monkeypatch, lambda tr: tr.step == 3)
     trainer = Trainer(small_cfg(repo, tmp_path, "train.nan_policy=skip"))
     result = trainer.fit()
-    assert result.step == 8 and trainer.skipped_steps == 1
+    assert result.step == 8 and trainer.nonfinite.skipped_steps == 1
     [event] = events(result.run_dir)
     assert event["step"] == 3 and event["event"] == "nonfinite" and event["action"] == "skip"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
