@@ -245,29 +245,24 @@ def test_bench_train_reports_an_entry_that_fails_and_times_the_others(tmp_path, 
 # (mostly start-up, one thread each) overlap, which halves the wait.
 
 
-@pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dry")
+def _start_dry_run(root: Path, script: str):
+    folder = root / script
+    folder.mkdir()
+    log = open(folder / "stdout.log", "w")
+    command = [sys.executable, str(REPO / "scripts" / f"{script}.py"), "--dry-run", "--out", str(folder / "out"),
+               "--work", str(folder / "work"), "--budget", "400"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = {}
-    for script in ("device_check", "device_fidelity"):
-        folder = root / script
-        folder.mkdir()
-        log = open(folder / "stdout.log", "w")
-        command = [sys.executable, str(REPO / "scripts" / f"{script}.py"), "--dry-run", "--out", str(folder / "out"),
-                   "--work", str(folder / "work"), "--budget", "400"]
-        started[script] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), folder, log)
-    yield started
-    for proc, _, log in started.values():
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), folder, log
+
+
+def finished(started, timeout: int = 600) -> tuple[Path, str]:
+    proc, folder, log = started
+    try:
+        returncode = proc.wait(timeout=timeout)
+    finally:
         if proc.poll() is None:
             proc.kill()
         log.close()
-
-
-def finished(dry_runs, script: str) -> tuple[Path, str]:
-    proc, folder, log = dry_runs[script]
-    returncode = proc.wait(timeout=600)
-    log.flush()
     output = (folder / "stdout.log").read_text()
     assert returncode == 0, output[-3000:]
     return folder / "out", output
@@ -278,8 +273,9 @@ def tar_names(path: Path) -> list[str]:
         return tar.getnames()
 
 
-def test_device_check_dry_run_goes_through_every_step(dry_runs):
-    out, printed = finished(dry_runs, "device_check")
+@pytest.mark.slow  # about 3 minutes on 2 cores; the fidelity dry run below stays in the default run
+def test_device_check_dry_run_goes_through_every_step(tmp_path):
+    out, printed = finished(_start_dry_run(tmp_path, "device_check"))
     summary = json.loads((out / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
     # pip may refuse an offline editable install (no `wheel` for an older setuptools): harmless,
@@ -308,8 +304,8 @@ def test_device_check_dry_run_goes_through_every_step(dry_runs):
     assert {f"work/logs/{s}.log" for s in ("tests", "numerics", "train-1b", "profile")} <= set(names)
 
 
-def test_device_fidelity_dry_run_trains_five_runs_on_equal_tokens(dry_runs):
-    out, printed = finished(dry_runs, "device_fidelity")
+def test_device_fidelity_dry_run_trains_five_runs_on_equal_tokens(tmp_path):
+    out, printed = finished(_start_dry_run(tmp_path, "device_fidelity"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["corpus"]["documents"] > 20 and summary["vocab"] == 512
     runs = {r["run"]: r for r in summary["runs"]}

@@ -83,7 +83,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(repo, tmp_path, si
     assert sorted(p.name for p in (run / "checkpoints/step_6").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_checkpoint_of_two_ranks_resumes_in_one_process_and_back(repo, tmp_path, engine):
     """2 ranks -> stop at step 3 -> resume with 1 process -> step 6, and 1 -> 2 the other way: the
     same loss curve as an uninterrupted 2-rank run (within the engines' agreement above)."""

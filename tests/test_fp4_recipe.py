@@ -45,7 +45,7 @@ def test_qaf_schedule_rewarms_then_decays_to_min_lr(repo):
     assert lrs[-1] == pytest.approx(o.min_lr)
 
 
-@pytest.mark.parametrize("main_decay", ["full", "run"])
+@pytest.mark.parametrize("main_decay", ["full", pytest.param("run", marks=pytest.mark.slow)])
 def test_the_main_cosine_reaches_min_lr_before_qaf_by_default(repo, tmp_path, main_decay):
     """As in the paper, the main run has decayed when QAF starts (main_decay: full, the default);
     main_decay: run keeps the cosine over all train.steps, which QAF cuts off above min_lr."""

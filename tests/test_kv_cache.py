@@ -84,7 +84,7 @@ def test_cached_forward_equals_the_full_forward(repo, arch, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["llama", "ngpt"])
-@pytest.mark.parametrize("prompt_len", [5, 40])  # 5 + 40 new tokens crosses the window; 40 starts past it
+@pytest.mark.parametrize("prompt_len", [5, pytest.param(40, marks=pytest.mark.slow)])  # 5 + 40 new tokens crosses the window; 40 starts past it
 def test_cached_generation_gives_the_uncached_tokens(repo, arch, dtype, prompt_len):
     loaded = make_loaded(repo, arch, dtype)
     prompt = torch.randint(0, loaded.cfg.model.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2))

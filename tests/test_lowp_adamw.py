@@ -335,7 +335,7 @@ def test_config_and_build_optimizer():
     assert build_optimizer(model, cfg16.optim).moments == "bf16"
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", pytest.param("stochastic", marks=pytest.mark.slow)])
 def test_trainer_resume_is_bit_identical_with_fp8_moments(repo, tmp_path, rounding):
     """tests/test_train.py::test_resume_is_bit_identical with optim.moments=fp8: 8 steps == 4 + resume 4."""
     opts = ["optim.moments=fp8", f"optim.moments_rounding={rounding}", "train.eval_every=0"]

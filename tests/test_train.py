@@ -255,6 +255,7 @@ def kill_soak(repo, tmp_path, kills: int, steps: int, seed: int = 0) -> dict:
     return stats
 
 
+@pytest.mark.slow  # 4 kills x 16 steps; test_crash_during_save_keeps_the_previous_checkpoint covers the save path by default
 def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(repo, tmp_path):
     kill_soak(repo, tmp_path, kills=4, steps=16)
 
