@@ -72,23 +72,27 @@ def planted(repo, tmp_path_factory):
 
 def test_probe_ranks_the_planted_down_projection_first_and_the_plan_keeps_it(planted):
     result, _ = planted
-    ranked = result.ranked("damage")
     hazard = f"layers.{HAZARD_LAYER}.mlp.down"
-    assert ranked[0].name == hazard, [(r.name, round(r.damage, 3)) for r in ranked]
-    down = {r.name: r for r in result.linears if r.name.endswith("mlp.down")}
-    # its fprop output error against BF16: the outlier channel's scale flushes the other tokens'
-    # small inputs (measured 0.12 against 0.035 for the other down projection)
-    assert down[hazard].gemm_error["fprop"] > 3 * down["layers.0.mlp.down"].gemm_error["fprop"]
-    assert down[hazard].forward_share > 0.5  # most of the output's KL to BF16 is this one linear's
-    assert down[hazard].operands["x"].kurtosis > 100  # the outlier channel makes the input heavy-tailed
-    plan = probe_plan(result.linears, budget=0.12)  # a down projection is 11.1% of this model's GEMM FLOPs
-    assert plan.chosen == [hazard]
-    assert naive_plan(result.linears, budget=0.12).chosen == [hazard]  # here the last linear is the hazard too...
-    assert naive_plan(result.linears, budget=0.06).chosen == ["layers.1.attn.out"]  # ...but not in 6%
+    downs = [r for r in result.ranked("damage") if r.name.endswith("mlp.down")]
+    assert downs[0].name == hazard, [(r.name, round(r.damage, 3)) for r in downs]
+    down = {r.name: r for r in downs}
+    # the down GEMM's input: the outlier channel sets the per-tensor scale and the other channels lose
+    # their bits (measured 0.080 against 0.027 for the other down projection); heavy-tailed input
+    assert down[hazard].roles["x"].rel_error > 2 * down["layers.0.mlp.down"].roles["x"].rel_error
+    assert down[hazard].operands["x"].kurtosis > 100 > down["layers.0.mlp.down"].operands["x"].kurtosis
+    assert down[hazard].gemm_error["fprop"] > 1.5 * down["layers.0.mlp.down"].gemm_error["fprop"]
+    # end to end the hazard's damage is its MLP's: gate and up multiply the outlier channel as well
+    assert result.ranked("damage")[0].name.startswith(f"layers.{HAZARD_LAYER}.mlp.")
     aligned = {a.layer: a for a in result.alignment}[f"layers.{HAZARD_LAYER}.mlp"]
     assert (aligned.hazard_channel, aligned.down_input_channel) == (HAZARD_CHANNEL, HAZARD_CHANNEL)
     assert aligned.max_cos == pytest.approx(1.0, abs=1e-5) and aligned.outlier_ratio > 1e4
     assert {a.layer: a for a in result.alignment}["layers.0.mlp"].hazard_channel is None
+    # the plan takes the flagged down projection first (a down projection is 11.1% of the GEMM FLOPs)
+    plan = probe_plan(result.linears, budget=0.12, flagged=[hazard])
+    assert plan.chosen == [hazard] and plan.flagged == [hazard]
+    assert probe_plan(result.linears, budget=0.12).chosen != [hazard]  # the ranking alone picks gate or up
+    assert probe_plan(result.linears, budget=0.25, flagged=[hazard]).chosen[0] == hazard
+    assert naive_plan(result.linears, budget=0.06).chosen == ["layers.1.attn.out"]
 
 
 def test_without_the_hazard_the_down_projection_is_ordinary(repo, tmp_path):
@@ -119,6 +123,8 @@ def test_plan_fills_the_budget_by_damage_and_the_naive_plan_from_the_end():
     assert probe_plan(linears, 0.5).chosen == ["b"]  # then a would overshoot; d fits? 40+20 > 50: no
     assert probe_plan(linears, 0.6).chosen == ["b", "a"]
     assert probe_plan(linears, 1.0).chosen == ["b", "a", "d"]  # c's damage is 0: nothing to buy
+    flagged = probe_plan(linears, 0.5, flagged=["d"])  # a flagged down projection goes first, whatever its damage
+    assert flagged.chosen == ["d", "a"] and flagged.flagged == ["d"]  # then b (40%) would overshoot
     assert probe_plan(linears, 0.6).flops_fraction == pytest.approx(0.6)
     assert naive_plan(linears, 0.5).chosen == ["d", "c"]
     assert naive_plan(linears, 0.0).chosen == [] and probe_plan(linears, 0.1).chosen == []
@@ -174,8 +180,8 @@ def test_probe_command_writes_report_summary_heatmap_and_a_plan_that_trains(repo
     assert printed["precision"]["high_precision"] == ["lm_head", *chosen]
     # a run directory is probed as it was trained (here: the probe's own 1-step run), in another recipe on request
     again = tmp_path / "again"
-    assert main(["probe", str(out / "run"), "precision.recipe=fp8", "--batch", "2", "--out", str(again)]) == 0
-    assert json.loads((again / "summary.json").read_text())["recipe"] == "fp8"
+    assert main(["probe", str(out / "run"), "precision.recipe=fp4_hp_warmup", "--batch", "2", "--out", str(again)]) == 0
+    assert json.loads((again / "summary.json").read_text())["recipe"] == "fp4_hp_warmup"
     assert main(["probe", str(out / "run"), "train.steps=3", "--out", str(again)]) == 2
     assert "only precision.recipe=NAME" in capsys.readouterr().err
     assert main(["probe", str(repo / "recipes/quickstart.yaml"), "--bf16-budget", "1.5", "--out", str(again)]) == 2

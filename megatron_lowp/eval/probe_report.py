@@ -70,8 +70,9 @@ def report_markdown(result: ProbeResult, plans: dict[str, Plan], info: dict, top
         "",
         f"## Linears ranked by {rank_by}",
         "",
-        "damage = the mean of the two shares: how much of the forward KL and of the gradient's squared error "
-        "goes away when this linear alone is in BF16 (leave one out). GEMM columns: mean per-row relative error "
+        "damage = the mean of the two shares: this linear's part of the output's KL divergence from the BF16 model "
+        "and of the gradient's squared error, each measured with only this linear quantized, over the sum of all "
+        "linears' (what keeping it in BF16 buys, if the errors add up). GEMM columns: mean per-row relative error "
         "of the GEMM's output against the BF16 GEMM. Worst role: the operand with the largest quantization error, "
         "with its clipped / overflow / underflow shares. docs/probe.md explains each column.",
         "",
@@ -114,7 +115,9 @@ def report_markdown(result: ProbeResult, plans: dict[str, Plan], info: dict, top
     for kind, p in plans.items():
         file = "plan.yaml" if kind == "probe" else "naive_plan.yaml"
         chosen = ", ".join(f"`{n}`" for n in p.chosen) or "nothing"
-        lines.append(f"- **{kind}** (`{file}`, {100 * p.flops_fraction:.1f}% of the FLOPs): {chosen}")
+        first = f" (flagged by the alignment watch, taken first: {', '.join(f'`{n}`' for n in p.flagged)})" \
+            if p.flagged else ""
+        lines.append(f"- **{kind}** (`{file}`, {100 * p.flops_fraction:.1f}% of the FLOPs): {chosen}{first}")
     lines += ["", f"Train with the plan: `{info['train_command']}`", ""]
     return "\n".join(lines)
 

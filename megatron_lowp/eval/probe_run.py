@@ -115,11 +115,14 @@ def run_probe(source: str, overrides: list[str], out: Path, steps: int = 10, bud
     result: ProbeResult = probe_model(model, batch, forward, reference_dtype=recipe.autocast_dtype or torch.float32,
                                       min_cos=watch.min_cos, min_outlier_ratio=watch.min_outlier_ratio, seed=seed,
                                       progress=_say)
-    plans = {"probe": probe_plan(result.linears, budget, rank_by), "naive": naive_plan(result.linears, budget)}
+    flagged = [f"{a.layer}.down" for a in result.alignment if a.hazard_channel is not None]
+    plans = {"probe": probe_plan(result.linears, budget, rank_by, flagged), "naive": naive_plan(result.linears, budget)}
     recipe_hp = list(cfg.precision.high_precision)
     for kind, file in (("probe", "plan.yaml"), ("naive", "naive_plan.yaml")):
         p = plans[kind]
         how = f"by measured {rank_by}" if kind == "probe" else "from the end of the model"
+        if p.flagged:
+            how = f"the down projections the alignment watch flags first ({', '.join(p.flagged)}), then {how}"
         header = [f"megatron-lowp probe: {probed.source}, recipe {recipe.name}",
                   f"{kind} plan: {len(p.chosen)} linears kept in BF16, chosen {how}: "
                   f"{100 * p.flops_fraction:.1f}% of the quantized GEMM FLOPs (budget {100 * budget:g}%)",
