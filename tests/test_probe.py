@@ -18,8 +18,10 @@ from megatron_lowp.device import get_device
 from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model
 from megatron_lowp.precision import QuantizedLinear, available_recipes, build_recipe
+from megatron_lowp.precision.alignment import AlignmentWatch
 from megatron_lowp.precision.plan import naive_plan, probe_plan
-from megatron_lowp.precision.probe import LinearReading, probe_model
+from megatron_lowp.precision.probe import LinearReading, OperandProbe, probe_model
+from megatron_lowp.train.loop import Trainer
 from tests.test_train import SMALL, small_cfg
 
 HAZARD_LAYER, HAZARD_CHANNEL = 1, 5
@@ -186,3 +188,67 @@ def test_probe_command_writes_report_summary_heatmap_and_a_plan_that_trains(repo
     assert "only precision.recipe=NAME" in capsys.readouterr().err
     assert main(["probe", str(repo / "recipes/quickstart.yaml"), "--bf16-budget", "1.5", "--out", str(again)]) == 2
     assert "--bf16-budget: 1.5 is not a fraction" in capsys.readouterr().err
+
+
+# --- the alignment watch ------------------------------------------------------------------------------
+PLAIN_ERROR_LEVEL = 0.05  # the down GEMM's output error at which we call plain FP8 damaged (docs/probe.md)
+
+
+def alignment_growth(model, recipe, device, batch, steps: int = 17) -> tuple[list[float], list[bool]]:
+    """Grow one channel's alignment step by step (cos 0 -> 1 over 8 steps, its gate and up rows' norm x
+    sqrt(2) per step from the typical 0.16) and read, at each step, the FP8 error of the down GEMM's
+    output against the BF16 GEMM and whether the watch warns."""
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    down = f"layers.{HAZARD_LAYER}.mlp.down"
+    watch = AlignmentWatch(min_cos=0.5, min_outlier_ratio=64.0)
+    errors, warned = [], []
+    for k in range(steps):
+        plant(model, norm=0.16 * 2 ** (k / 2), cos=min(1.0, k / 8))
+        operands = OperandProbe(layers, torch.bfloat16, seed=0)
+        watch.start(model)
+        with torch.no_grad(), recipe.forward_context(device):
+            model(batch[:, :-1])
+        operands.close()
+        rows, _ = watch.finish(k)
+        errors.append(operands.readings[down].gemm_error["fprop"])
+        warned.append(any(r["kind"] == "event" and r["layer"] == f"layers.{HAZARD_LAYER}.mlp" for r in rows))
+    return errors, warned
+
+
+def test_growing_alignment_hurts_plain_fp8_not_smooth_swiglu_and_the_watch_fires_first(repo, tmp_path):
+    fp8 = ("precision.recipe=fp8", "optim.moments=fp32")
+    plain, plain_warned = alignment_growth(*small_model(repo, tmp_path / "plain", *fp8, "precision.smooth_swiglu=false"))
+    per_channel, _ = alignment_growth(*small_model(repo, tmp_path / "channel", *fp8, "precision.smooth_swiglu=true",
+                                                   "precision.smooth_swiglu_granularity=channel"))
+    per_token, _ = alignment_growth(*small_model(repo, tmp_path / "token", *fp8, "precision.smooth_swiglu=true"))
+    # plain SwiGLU: the outlier channel's input grows quadratically and takes the per-tensor scale
+    # (measured 0.037 at the start, 0.054 at step 12, 0.38 at step 16)
+    assert plain[-1] > 5 * plain[0] and plain[-1] > PLAIN_ERROR_LEVEL, plain
+    # Smooth-SwiGLU per channel (the paper's text): each channel its own scale, bounded (measured <= 0.042)
+    assert max(per_channel) < 1.25 * per_channel[0] < PLAIN_ERROR_LEVEL, per_channel
+    # per token (the reference code): linear, not quadratic, growth: later and a third of plain's (0.13)
+    assert all(t <= p for t, p in zip(per_token[12:], plain[12:], strict=True)), per_token
+    assert per_token[-1] - per_token[0] < 0.5 * (plain[-1] - plain[0]), per_token
+    first_warning = plain_warned.index(True)
+    first_damage = next(k for k, e in enumerate(plain) if e > PLAIN_ERROR_LEVEL)
+    assert first_warning + 3 <= first_damage, (first_warning, plain)  # steps ahead of the damage (measured 6)
+    assert plain[first_warning] < 1.1 * plain[0]  # when it fires, nothing is lost yet
+    assert all(plain_warned[first_warning:])
+
+
+def test_the_watch_writes_numerics_rows_and_warns_during_training(repo, tmp_path, capsys):
+    cfg = small_cfg(repo, tmp_path, *FP8_PLAIN, "run.name=watch", "precision.telemetry_every=2", "train.steps=2",
+                    "optim.warmup_steps=1", "train.eval_every=0", "train.checkpoint_every=0")
+    trainer = Trainer(cfg)
+    plant(trainer.model, norm=16.0)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "watch" / "numerics.jsonl").read_text().splitlines()]
+    alignment = [r for r in rows if r.get("kind") == "alignment"]
+    assert [(r["step"], r["layer"]) for r in alignment] == [(2, "layers.0.mlp"), (2, "layers.1.mlp")]
+    hazard = alignment[1]
+    assert hazard["down_input_channel"] == HAZARD_CHANNEL and hazard["outlier_ratio"] > 1e3
+    assert hazard["max_cos"] > 0.99 and alignment[0]["max_cos"] < 0.5
+    events = [r for r in rows if r.get("event") == "swiglu_alignment"]
+    assert [(e["step"], e["layer"], e["channel"]) for e in events] == [(2, "layers.1.mlp", HAZARD_CHANNEL)]
+    assert "layers.1.mlp channel 5: gate and up weights aligned" in capsys.readouterr().out

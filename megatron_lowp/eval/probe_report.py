@@ -149,9 +149,10 @@ def draw_heatmap(result: ProbeResult, out: Path, title: str = "") -> Path:
         if len(names) <= 40:
             for i, row in enumerate(values):
                 for j, v in enumerate(row):
-                    if v == v:
+                    if v == v:  # dark text on the bright end of the damage column
+                        dark = ax is axes[2] and v > 0.6 * max(max(r) for r in values)
                         ax.text(j, i, f"{100 * v:.0f}%" if ax is axes[2] else f"{v:.2g}", ha="center", va="center",
-                                fontsize=6, color="white")
+                                fontsize=6, color="black" if dark else "white")
         fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -17,7 +17,7 @@ per GEMM role, on one batch of real data (docs/probe.md says what each number me
    the sum of all linears' own damages: what moving it to BF16 removes, if the linears' errors add
    up independently (the sums against the all-quantized values say how far they do). Leaving one
    out instead subtracts two large numbers whose difference is drowned by the errors' cross terms
-   and by the other layers' re-drawn rounding noise (docs/LOG.md, the probe's negative result).
+   and by the other layers' re-drawn rounding noise.
    The share is what a plan (precision/plan.py) buys with its FLOPs.
 3. The gradient-noise ratio per linear (the sqrt(3) rule, precision/grad_noise.py) and the SwiGLU
    alignment (precision/alignment.py).
