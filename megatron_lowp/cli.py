@@ -216,9 +216,10 @@ def cmd_probe(args) -> int:
     from pathlib import Path
 
     from megatron_lowp.eval.probe_run import run_probe
+    from megatron_lowp.train.probe_steps import train_for_probe
 
-    data = run_probe(args.source, args.overrides, Path(args.out), steps=args.steps, budget=args.bf16_budget,
-                     batch_size=args.batch, rank_by=args.rank_by)
+    data = run_probe(args.source, args.overrides, Path(args.out), train_for_probe, steps=args.steps,
+                     budget=args.bf16_budget, batch_size=args.batch, rank_by=args.rank_by)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"plan: {args.out}/plan.yaml ({100 * data['plans']['probe']['flops_fraction']:.1f}% of the quantized GEMM "
           f"FLOPs in BF16); train with it: {data['train_command']}")

@@ -13,18 +13,17 @@ probe's plan) and naive_plan.yaml (the same budget spent on the last linears, fo
 from __future__ import annotations
 
 import json
-import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megatron_lowp.config import load_config
 from megatron_lowp.config.loader import parse_override
 from megatron_lowp.data import Tokenizer, build_train_stream
 from megatron_lowp.errors import UserError
-from megatron_lowp.precision import QuantizedLinear, available_recipes
+from megatron_lowp.precision import QuantizedLinear
 from megatron_lowp.precision.plan import naive_plan, plan_yaml, probe_plan
 from megatron_lowp.precision.probe import RANK_BY, ProbeResult, probe_model
 from megatron_lowp.run.atomic import write_text_atomic
@@ -60,30 +59,18 @@ def _from_checkpoint(path: Path, overrides: list[str]) -> Probed:
                   "megatron-lowp train YOUR_RECIPE.yaml --plan PLAN")
 
 
-def _from_recipe(path: Path, overrides: list[str], steps: int, out: Path) -> Probed:
-    from megatron_lowp.train.loop import Trainer
-
-    forced = ["train.eval_every=0", f"run.out_dir={out}", "run.name=run"]
-    if steps:
-        forced.append(f"train.stop_at_step={steps}")
-    cfg = load_config(path, [*overrides, *forced], extra_choices={"precision.recipe": available_recipes()})
-    if steps > cfg.train.steps:
-        raise UserError(f"--steps {steps}: more than the recipe's train.steps ({cfg.train.steps})")
-    trainer = Trainer(cfg)
-    if steps:
-        trainer.fit()  # shows its progress; a probe run there already is resumed (and stops at once)
-    command = shlex.join(["megatron-lowp", "train", str(path), *overrides]) + " --plan PLAN"
-    return Probed(cfg, trainer.model, trainer.recipe, trainer.device, trainer.consumed_samples,
-                  f"{path} after {trainer.step} training steps", command)
-
-
 def _say(line: str) -> None:
     print(f"probe: {line}", file=sys.stderr, flush=True)
 
 
-def run_probe(source: str, overrides: list[str], out: Path, steps: int = 10, budget: float = 0.1,
-              batch_size: int | None = None, rank_by: str = "damage", seed: int = 0) -> dict:
-    """Probe, write DIR's files, return the summary (summary.json's content)."""
+TrainForProbe = Callable[[Path, list[str], int, Path], Probed]
+
+
+def run_probe(source: str, overrides: list[str], out: Path, train_for_probe: TrainForProbe, steps: int = 10,
+              budget: float = 0.1, batch_size: int | None = None, rank_by: str = "damage", seed: int = 0) -> dict:
+    """Probe, write DIR's files, return the summary (summary.json's content). `train_for_probe(recipe,
+    overrides, steps, out)` trains a recipe file's first steps (megatron_lowp/train/probe_steps.py;
+    the cli passes it in, since eval does not import train)."""
     from megatron_lowp.eval.probe_report import draw_heatmap, report_markdown, summary
 
     if not 0 <= budget <= 1:
@@ -96,7 +83,7 @@ def run_probe(source: str, overrides: list[str], out: Path, steps: int = 10, bud
     if not path.exists():
         raise UserError(f"{source}: no such recipe file, run directory or checkpoint")
     out.mkdir(parents=True, exist_ok=True)
-    probed = _from_checkpoint(path, overrides) if path.is_dir() else _from_recipe(path, overrides, steps, out)
+    probed = _from_checkpoint(path, overrides) if path.is_dir() else train_for_probe(path, overrides, steps, out)
     cfg, model, recipe, device = probed.cfg, probed.model, probed.recipe, probed.device
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise UserError(f"precision.recipe: '{recipe.name}' quantizes no linear layer of this model: nothing to probe "
@@ -138,4 +125,4 @@ def run_probe(source: str, overrides: list[str], out: Path, steps: int = 10, bud
     return data
 
 
-__all__ = ["run_probe"]
+__all__ = ["Probed", "TrainForProbe", "run_probe"]
