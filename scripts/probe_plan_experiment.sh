@@ -22,16 +22,4 @@ megatron-lowp train recipes/tiny/fp4.yaml "${SIZE[@]}" run.name=fp4-probe-plan -
 megatron-lowp train recipes/tiny/fp4.yaml "${SIZE[@]}" run.name=fp4-naive-plan --plan "$OUT/probe/naive_plan.yaml" \
   > "$OUT/fp4-naive-plan.log" 2>&1 &
 wait
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-def val(name):
-    rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
-    return {r["step"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}
-runs = {n: val(n) for n in ("bf16", "fp4", "fp4-probe-plan", "fp4-naive-plan")}
-last = max(runs["bf16"])
-gap = runs["fp4"][last] - runs["bf16"][last]
-for n, v in runs.items():
-    closed = (runs["fp4"][last] - v[last]) / gap if gap else float("nan")
-    print(f"{n:16s} " + " ".join(f"{s}:{v[s]:.4f}" for s in sorted(v)) + f"  gap closed at {last}: {100*closed:.0f}%")
-PY
+python scripts/probe_plan_results.py "$OUT"
