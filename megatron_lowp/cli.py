@@ -2,6 +2,8 @@
 
     megatron-lowp train RECIPE.yaml [section.key=value ...]
     megatron-lowp config RECIPE.yaml [section.key=value ...]   # print the resolved recipe
+    megatron-lowp train RECIPE.yaml --plan DIR/plan.yaml       # with a precision plan (megatron-lowp probe)
+    megatron-lowp probe RECIPE_OR_RUN [overrides] [--steps N] [--bf16-budget F] --out DIR
     megatron-lowp tokenizer train --input FILE_OR_GLOB... --vocab-size N --output PATH.model
     megatron-lowp prepare --input FILE_OR_GLOB_OR_HF_NAME... --tokenizer PATH.model --output-prefix PREFIX
 
@@ -25,7 +27,8 @@ def _load(args):
     from megatron_lowp.config import load_config
     from megatron_lowp.precision import available_recipes
 
-    return load_config(args.recipe, args.overrides, extra_choices={"precision.recipe": available_recipes()})
+    return load_config(args.recipe, args.overrides, extra_choices={"precision.recipe": available_recipes()},
+                       plan=args.plan)
 
 
 def cmd_train(args) -> int:
@@ -209,6 +212,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.eval.probe_run import run_probe
+    from megatron_lowp.train.probe_steps import train_for_probe
+
+    data = run_probe(args.source, args.overrides, Path(args.out), train_for_probe, steps=args.steps,
+                     budget=args.bf16_budget, batch_size=args.batch, rank_by=args.rank_by)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"plan: {args.out}/plan.yaml ({100 * data['plans']['probe']['flops_fraction']:.1f}% of the quantized GEMM "
+          f"FLOPs in BF16); train with it: {data['train_command']}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pathlib import Path
 
@@ -233,7 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200")
+        p.add_argument("--plan", help="a precision plan (DIR/plan.yaml from megatron-lowp probe): its precision keys "
+                       "go over the recipe's, under the command line's overrides")
         p.set_defaults(func=func)
+    p = sub.add_parser("probe", help="measure where a recipe's low precision hurts, per linear and GEMM role, and "
+                       "write a plan that keeps the worst linears in BF16")
+    p.add_argument("source", help="a YAML recipe (trained for --steps first), or a run / checkpoint directory")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe (a checkpoint: only "
+                   "precision.recipe=NAME)")
+    p.add_argument("--steps", type=int, default=10, help="a recipe: training steps before probing (default 10; "
+                   "0 probes the initial weights)")
+    p.add_argument("--bf16-budget", type=float, default=0.1, help="the plan's budget: the fraction of the "
+                   "quantized GEMM FLOPs it may keep in BF16 (default 0.1)")
+    p.add_argument("--batch", type=int, default=None, help="sequences in the probed batch (default: "
+                   "train.micro_batch_size)")
+    p.add_argument("--rank-by", default="damage", help="damage (default), forward, gradient or gemm: what the "
+                   "ranking and the plan follow (docs/probe.md)")
+    p.add_argument("--out", required=True, help="directory for report.md, summary.json, heatmap.png, plan.yaml")
+    p.set_defaults(func=cmd_probe)
     p = sub.add_parser("prepare", help="tokenize raw text into Megatron indexed datasets (train/valid splits)")
     _add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare)
@@ -305,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # argparse leaves the overrides that follow an option (train R.yaml --plan P a=b); keep their order
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.parse_args(argv)  # its usual error
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except UserError as e:

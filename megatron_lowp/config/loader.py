@@ -1,8 +1,9 @@
 """Load a recipe: YAML files with `extends:`, model presets, `key.sub=value` overrides, validation.
 
 Order of precedence, lowest first: schema defaults < model preset (`model.preset`) < base files named
-by `extends:` (earlier < later) < the recipe file itself < command-line overrides. Every key
-remembers where it was set, so an error names the file (or "command line") that set the bad value.
+by `extends:` (earlier < later) < the recipe file itself < a precision plan (`--plan`, written by
+`megatron-lowp probe`; precision keys only) < command-line overrides. Every key remembers where it
+was set, so an error names the file (or "command line") that set the bad value.
 """
 
 from __future__ import annotations
@@ -385,17 +386,34 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         fail("run.name", f"'{cfg.run.name}' must be a plain directory name (no '/')")
 
 
+def _apply_plan(values: dict[str, Any], sources: dict[str, str], plan: Path) -> None:
+    """A plan file's keys (with its `extends:`) over the recipe's; a plan decides precision only."""
+    if not plan.is_file():
+        raise UserError(f"{plan}: --plan: plan file not found (megatron-lowp probe ... --out DIR writes DIR/plan.yaml)")
+    plan_values, plan_sources = _load_layers(plan)
+    for key, value in plan_values.items():
+        if not key.startswith("precision."):
+            raise UserError(f"{plan_sources[key]}: --plan: a precision plan sets precision.* keys only, not '{key}'; "
+                            "put other settings in the recipe or on the command line")
+        values[key] = value
+        sources[key] = plan_sources[key]
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] = (),
     extra_choices: dict[str, tuple] | None = None,
+    plan: str | Path | None = None,
 ) -> Config:
     """The validated `Config` for a recipe file (or schema defaults when `path` is None).
 
     `extra_choices` adds allowed values known only at run time, e.g. the registered precision
-    recipes: {"precision.recipe": ("bf16", ...)}.
+    recipes: {"precision.recipe": ("bf16", ...)}. `plan`: a precision plan file (`megatron-lowp
+    probe` writes plan.yaml) applied over the recipe and under the overrides.
     """
     values, sources = _load_layers(Path(path)) if path is not None else ({}, {})
+    if plan is not None:
+        _apply_plan(values, sources, Path(plan))
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value

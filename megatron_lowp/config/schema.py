@@ -110,6 +110,17 @@ class GradNoiseConfig:
 
 
 @dataclass
+class AlignmentWatchConfig:
+    """The SwiGLU alignment watch (precision/alignment.py, docs/probe.md), every telemetry_every steps:
+    warn when an FFN channel's gate and up weights are aligned and its down-projection inputs stand
+    out from the other channels' (the FP8 paper's divergence mechanism)."""
+
+    min_cos: float = bounded(0.5, gt=0, le=1, doc="|cos(w_gate[i], w_up[i])| at or above which a channel is aligned")
+    min_outlier_ratio: float = bounded(64.0, gt=1, doc="a channel's max |down input| over the median channel's "
+                                       "at or above which it is an outlier")
+
+
+@dataclass
 class PrecisionConfig:
     recipe: str = choice_from("bf16", "megatron_lowp.precision:available_recipes", doc="a registered recipe")
     # Per-role specs, used by recipe: custom (named recipes bring their own).
@@ -133,6 +144,7 @@ class PrecisionConfig:
     # Per-layer numerics telemetry (amax, overflow and underflow rates per role) into numerics.jsonl
     # every N optimizer steps; 0 turns it off.
     telemetry_every: int = bounded(0, ge=0)
+    alignment_watch: AlignmentWatchConfig = field(default_factory=AlignmentWatchConfig)
     # emulated: quantize-dequantize then matmul (every device, the reference); native: FP8 GEMMs on
     # the FP8 bytes (torch._scaled_mm) where both operands are per-tensor FP8.
     backend: str = choice("emulated", "emulated", "native")

@@ -12,7 +12,9 @@ precision/recipe.py), so the training loop holds no precision-specific code.
 - The gradient-noise monitor (the sqrt(3) rule, precision/grad_noise.py) every
   `precision.grad_noise.every` steps, on the first micro-batch, on engines whose plain module gives
   this rank's gradients (`check_engine`).
-- Per-layer telemetry every `precision.telemetry_every` steps (precision/telemetry.py).
+- Per-layer telemetry every `precision.telemetry_every` steps (precision/telemetry.py), with the
+  SwiGLU alignment watch (precision/alignment.py): gate/up alignment and down-input outliers per
+  layer, and a warning when a channel is both (`precision.alignment_watch`).
 - Delayed FP8 scaling: the step's amaxes are committed after the optimizer step (reduced over the
   data-parallel ranks) or dropped when the step was skipped.
 Its state in checkpoints is JSON: the QAF start step.
@@ -29,6 +31,7 @@ from torch import nn
 
 from megatron_lowp.errors import UserError
 from megatron_lowp.optim.schedule import lr_at, planned_qaf_start, qaf_lr_at, qaf_warnings
+from megatron_lowp.precision.alignment import AlignmentWatch
 from megatron_lowp.precision.grad_noise import measure_gradient_noise, to_rows
 from megatron_lowp.precision.quantized_linear import (
     QuantizedLinear,
@@ -51,11 +54,12 @@ class LifecycleSettings:
     optim: object  # OptimConfig
     steps: int
     tokens_per_step: int
+    alignment_watch: object = None  # AlignmentWatchConfig
 
     @classmethod
     def from_config(cls, cfg) -> LifecycleSettings:
         return cls(cfg.precision.qaf, cfg.precision.grad_noise, cfg.precision.telemetry_every, cfg.optim,
-                   cfg.train.steps, cfg.train.global_batch_size * cfg.train.seq_len)
+                   cfg.train.steps, cfg.train.global_batch_size * cfg.train.seq_len, cfg.precision.alignment_watch)
 
 
 class QuantizedLifecycle:
@@ -74,6 +78,8 @@ class QuantizedLifecycle:
         self._rows: list[dict] = []
         self._notes: list[str] = []
         self._telemetry = False
+        a = self.settings.alignment_watch if self.settings is not None else None
+        self._alignment = AlignmentWatch(a.min_cos, a.min_outlier_ratio) if a is not None else None
 
     def attach(self, model: nn.Module, rank: int) -> None:
         self._model = model
@@ -143,6 +149,8 @@ class QuantizedLifecycle:
         self._telemetry = bool(s.telemetry_every) and step % s.telemetry_every == 0
         if self._telemetry:
             start_telemetry(self._model)
+            if self._alignment is not None:
+                self._alignment.start(self._model)
 
     def _measure_gradient_noise(self, step: int, loss_fn: Callable[[], torch.Tensor]) -> None:
         g = self.settings.grad_noise
@@ -159,6 +167,10 @@ class QuantizedLifecycle:
     def after_backward(self, step: int) -> None:
         if self._telemetry:
             self._rows += telemetry_rows(self._model, step)
+            if self._alignment is not None:
+                rows, notes = self._alignment.finish(step)
+                self._rows += rows
+                self._notes += notes
             self._telemetry = False
 
     def after_optimizer_step(self, reduce_max: ReduceMax | None) -> None:
