@@ -45,3 +45,14 @@ def test_docs_show_the_example_recipe_as_it_is():
     doc = (REPO / "docs/recipes.md").read_text()
     for path in ("megatron_lowp/precision/recipes/fp4_hp_warmup.py", "megatron_lowp/configs/precision/fp4_hp_warmup.yaml"):
         assert (REPO / path).read_text().strip() in doc, path
+
+
+def test_eval_never_imports_train():
+    """The layers point down: eval reads run directories through run/, never through the trainer."""
+    import subprocess
+    import sys
+
+    modules = [f"megatron_lowp.eval.{p.stem}" for p in sorted((REPO / "megatron_lowp/eval").glob("*.py"))]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.startswith('megatron_lowp.train')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
