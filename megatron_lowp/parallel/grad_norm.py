@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from megatron_lowp.parallel import dist
 
@@ -20,7 +20,9 @@ def _copies(g: torch.Tensor, world_size: int) -> int:
     """How many ranks hold this rank's piece of g (the rest of the world holds other pieces)."""
     if not isinstance(g, DTensor):
         return world_size
-    pieces = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if isinstance(p, Shard))
+    assert not any(p.is_partial() for p in g.placements), g.placements  # gradients are reduced by now
+    # Shard and FSDP's _StridedShard (which is no Shard subclass) both split: all but Replicate
+    pieces = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if not p.is_replicate())
     return world_size // pieces
 
 

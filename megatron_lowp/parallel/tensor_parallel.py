@@ -30,14 +30,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from megatron_lowp.config.schema import ModelConfig
 from megatron_lowp.errors import UserError
+from megatron_lowp.model.llama import ffn_hidden_size
 from megatron_lowp.parallel.tp_comm import copy_to_tp, gather_rows, max_over_tp, reduce_from_tp
 from megatron_lowp.precision.tp_shard import LinearShard
 
 
-def check_tp_shapes(model: nn.Module, tp: int) -> None:
-    """Heads and FFN channels must split evenly over tp ranks (one clear line if not)."""
-    cfg = model.cfg
+def check_tp_shapes(cfg: ModelConfig, tp: int) -> None:
+    """The model must be one we can split, its heads and FFN channels evenly over tp ranks."""
     if cfg.arch != "llama":
         raise UserError(f"parallel.tp: {tp} supports model.arch llama; tensor parallelism for {cfg.arch} is not "
                         "implemented (use parallel.tp=1 with ddp/fsdp)")
@@ -46,7 +47,7 @@ def check_tp_shapes(model: nn.Module, tp: int) -> None:
         if value % tp:
             raise UserError(f"parallel.tp: {tp} does not divide {key} ({value}): tensor parallelism splits "
                             "attention by whole heads; choose a tp that divides both head counts")
-    ffn = model.layers[0].mlp.up.weight.shape[0]
+    ffn = ffn_hidden_size(cfg)
     if ffn % tp:
         raise UserError(f"parallel.tp: {tp} does not divide the FFN width ({ffn}, model.ffn_hidden_size)")
 
@@ -83,7 +84,7 @@ def _whole_in_partial_out(module: nn.Module, group) -> None:
 def parallelize_llama(model: nn.Module, mesh: DeviceMesh) -> None:
     """Apply the tensor-parallel plan to every block of `model` (in place) on the 1-D tp `mesh`."""
     tp, rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
-    check_tp_shapes(model, tp)
+    check_tp_shapes(model.cfg, tp)
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         nh, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim

@@ -65,9 +65,9 @@ class RoleQuantizer:
         scale = self.delayed.scale(role)
         return {} if scale is None else {"scale": scale}
 
-    def _args(self, role: str, t: torch.Tensor, spec: QuantSpec) -> tuple[SRGenerator, dict]:
+    def _args(self, role: str, t: torch.Tensor, spec: QuantSpec) -> tuple[QuantSpec, SRGenerator, dict]:
         extra = self._extra(role, t)
-        return (self.gen, extra) if self.tp is None else self.tp.quantize_args(role, t, spec, self.gen, extra)
+        return (spec, self.gen, extra) if self.tp is None else self.tp.quantize_args(role, t, spec, self.gen, extra)
 
     def fake(self, role: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The operand dequantized to the compute dtype (t itself for a high-precision role)."""
@@ -76,7 +76,7 @@ class RoleQuantizer:
             return t.to(dtype)
         if self.stats is not None:
             return self.packed(role, t).dequantize(dtype)
-        gen, extra = self._args(role, t, spec)
+        spec, gen, extra = self._args(role, t, spec)
         return spec.fake_quantize(t, ROLE_AXIS[role], gen, **extra).to(dtype)
 
     def packed(self, role: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor:
@@ -84,7 +84,7 @@ class RoleQuantizer:
         spec = getattr(self.specs, role)
         if spec is None:
             return t
-        gen, extra = self._args(role, t, spec)
+        spec, gen, extra = self._args(role, t, spec)
         qt = spec.quantize(t, ROLE_AXIS[role], gen, **extra)
         if self.stats is not None:
             self._record(role, t, qt)

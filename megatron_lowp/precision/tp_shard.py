@@ -21,6 +21,7 @@ For a sharded operand:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,11 +65,11 @@ class LinearShard:
         return max_over_tp(t, self.group)
 
     def quantize_args(self, role: str, t: torch.Tensor, spec: QuantSpec, gen: SRGenerator,
-                      extra: dict) -> tuple[object, dict]:
-        """(generator, extra keyword arguments) for quantizing this rank's part of operand `role`."""
+                      extra: dict) -> tuple[QuantSpec, object, dict]:
+        """(spec, generator, extra keyword arguments) for quantizing this rank's part of operand `role`."""
         dim = _SHARDED[self.kind].get(role)
         if dim is None:
-            return gen, extra
+            return spec, gen, extra
         extra = dict(extra)
         options = spec.kwargs()
         if spec.format.per_tensor_fp8(options) and "scale" not in extra and "scale" not in options:
@@ -79,10 +80,10 @@ class LinearShard:
                 raise UserError(f"precision.{role}: FP8 channel scaling along the sharded axis is not supported "
                                 "with parallel.tp > 1; use scaling: tensor")
         elif spec.fmt == "nvfp4" and options.get("tensor_scale", "amax") == "amax":
-            extra["tensor_scale"] = "fixed"
-            extra["tensor_amax"] = float(self._max(tensor_amax(t)))
-            if extra["tensor_amax"] == 0.0:  # all zeros: the unsharded tensor uses S = 1, as "off" does
-                extra["tensor_scale"], extra["tensor_amax"] = "off", None
+            global_amax = float(self._max(tensor_amax(t)))
+            # all zeros: the unsharded tensor gets S = 1, as "off" gives
+            fixed = {"tensor_scale": "fixed", "tensor_amax": global_amax} if global_amax > 0 else {"tensor_scale": "off"}
+            spec = dataclasses.replace(spec, options=tuple({**options, **fixed}.items()))
         if spec.rounding == "stochastic":
             n_rows, n_cols = t.shape
             index = self.index.to(t.device)
@@ -91,8 +92,8 @@ class LinearShard:
             else:
                 draw = _BlockDraw(gen, (n_rows, self.global_features), None, index)
             extra["backend"] = "torch"  # the fused kernels draw contiguous counters only
-            return draw, extra
-        return gen, extra
+            return spec, draw, extra
+        return spec, gen, extra
 
     def check_blocks(self, specs: GemmSpecs, name: str) -> None:
         """Refuse a shard that would split an NVFP4/MX block (or tile) of a role it shards."""

@@ -33,14 +33,16 @@ def check_tensor_parallel(cfg: Config, world_size: int, capabilities) -> None:
     if p.tp == 1:
         return
     from megatron_lowp.parallel import ENGINES, engine_class
+    from megatron_lowp.parallel.tensor_parallel import check_tp_shapes
 
     if not capabilities.tensor_parallel:
         ok = [e for e in ENGINES if engine_class(e).capabilities.tensor_parallel]
         raise UserError(f"parallel.engine: '{p.engine}' does not compose with parallel.tp = {p.tp}; "
                         f"tensor parallelism works with {', '.join(ok)}")
+    check_tp_shapes(cfg.model, p.tp)
     if world_size % p.tp:
-        raise UserError(f"parallel.tp: {p.tp} does not divide WORLD_SIZE ({world_size}); the ranks form a "
-                        "dp x tp mesh")
+        raise UserError(f"parallel.tp: {p.tp} does not divide WORLD_SIZE ({world_size}): the ranks form a dp x tp "
+                        f"mesh; start a multiple of {p.tp} processes (torchrun --nproc_per_node, launch/)")
     if cfg.precision.telemetry_every:
         raise UserError("precision.telemetry_every: per-layer telemetry counts this rank's shard only under "
                         f"parallel.tp = {p.tp}; set it to 0 (or train with tp = 1)")
