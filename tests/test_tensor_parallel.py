@@ -8,12 +8,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lowp.config import load_config
+from megatron_lowp.device import get_device
 from megatron_lowp.errors import UserError
+from megatron_lowp.precision import build_recipe
+from megatron_lowp.precision.tp_shard import LinearShard
 from megatron_lowp.train.loop import Trainer
 from tests.test_distributed import _free_port, curve, launch
 
@@ -65,6 +68,16 @@ def test_tensor_parallel_mistakes_are_one_line_before_anything_starts(repo, tmp_
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_shard_that_splits_nvfp4_blocks_is_refused():
+    specs = build_recipe(load_config(None, ["precision.recipe=fp4"]), get_device("cpu")).specs
+    LinearShard("column", torch.arange(48, 96), 96, None, None).check_blocks(specs, "layers.0.mlp.up")  # 3 blocks
+    LinearShard("row", torch.arange(32, 64), 64, None, None).check_blocks(specs, "layers.0.mlp.down")
+    with pytest.raises(UserError, match="parallel.tp: layers.0.mlp.up's shard splits the 16-element blocks of role"):
+        LinearShard("column", torch.arange(20, 40), 40, None, None).check_blocks(specs, "layers.0.mlp.up")
+    with pytest.raises(UserError, match="layers.0.mlp.down's shard splits the 16-element blocks of role w "):
+        LinearShard("row", torch.arange(8, 16), 16, None, None).check_blocks(specs, "layers.0.mlp.down")
+
+
 @pytest.fixture(scope="module")
 def single_fp32(repo, tmp_path_factory):
     return launch(repo, tmp_path_factory.mktemp("single"), "single", 1, FP32)
@@ -101,3 +114,15 @@ def test_checkpoints_resume_across_tp_degrees(repo, tmp_path):
     launch(repo, tmp_path, "up", 1, FP32, "train.stop_at_step=3")
     up = launch(repo, tmp_path, "up", 2, FP32, "parallel.tp=2")
     assert worst_relative(curve(up), curve(straight)) < 1e-5
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_between_dp2_tp2_and_dp4(repo, tmp_path, single_fp32):
+    """FSDP on a 2 x 2 mesh -> stop at step 3 -> FSDP over 4 ranks (tp 1), and back."""
+    fsdp = [FP32, "parallel.engine=fsdp", "parallel.fsdp_param_dtype=fp32"]
+    launch(repo, tmp_path, "mesh_to_dp", 4, *fsdp, "parallel.tp=2", "train.stop_at_step=3")
+    to_dp = launch(repo, tmp_path, "mesh_to_dp", 4, *fsdp)
+    assert worst_relative(curve(to_dp), curve(single_fp32)) < 1e-5
+    launch(repo, tmp_path, "dp_to_mesh", 4, *fsdp, "train.stop_at_step=3")
+    to_mesh = launch(repo, tmp_path, "dp_to_mesh", 4, *fsdp, "parallel.tp=2")
+    assert worst_relative(curve(to_mesh), curve(single_fp32)) < 1e-5

@@ -63,7 +63,7 @@ def linear_case(recipe_name: str, mesh) -> dict:
         index = torch.arange(rank * n, (rank + 1) * n)
         tensor_parallel._shard(part, mesh, kind, index, 2 * n, tensor_parallel._local)
         worst = 0.0
-        for step in range(2):
+        for _step in range(2):
             x, dy = torch.randn(32, 64, dtype=torch.float64), torch.randn(32, 96, dtype=torch.float64)
             x[:, :32] *= 8
             dy[:, :48] *= 8

@@ -108,7 +108,7 @@ class LinearShard:
                 continue
             idx = self.index.tolist()
             runs = [i for i in range(len(idx)) if i == 0 or idx[i] != idx[i - 1] + 1] + [len(idx)]
-            if any(idx[a] % size or (b - a) % size for a, b in zip(runs, runs[1:])):
+            if any(idx[a] % size or (b - a) % size for a, b in zip(runs, runs[1:], strict=False)):
                 raise UserError(f"parallel.tp: {name}'s shard splits the {size}-element blocks of role {role} "
                                 f"({spec.fmt}); choose a tp for which each rank's slice of that layer is a "
                                 f"multiple of {size}")
