@@ -88,9 +88,11 @@ class Trainer:
         self.device.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         self.recipe.attach(model, self.dist.dp_rank)  # SR streams per data-parallel rank
+        engine_name = cfg.parallel.engine
         if cfg.parallel.tp > 1:  # the plain module's gradients are this rank's shards
             capabilities = replace(capabilities, plain_module_gradients=False)
-        self.recipe.check_engine(cfg.parallel.engine, capabilities)
+            engine_name += f" with parallel.tp = {cfg.parallel.tp}"
+        self.recipe.check_engine(engine_name, capabilities)
         self.notes += schedule_warnings(cfg.optim, t.steps) + self.recipe.drain()[1]  # e.g. a QAF that cannot fit
         self.engine = build_engine(cfg, model, lambda m: build_optimizer(m, cfg.optim), self.device, self.recipe,
                                    self.dist)
