@@ -3,8 +3,9 @@ the same inputs, in float64 so that GEMM rounding (1e-16) cannot hide one differ
 element (a quantum is ~1e-2 relative). Writes the worst relative differences as JSON to argv[1], per case (argv[2:]):
 
     linear:<recipe>   a column- and a row-parallel quantized linear, 2 steps (delayed scales commit in between)
-    model:<recipe>[:local_max]   a tiny Llama: logits and every gradient; local_max: Smooth-SwiGLU's per-token
-                      max over this rank's FFN channels only (the FP8 reference code's form)
+    model:<recipe>[:local_max][:sp]   a tiny Llama: logits and every gradient; local_max: Smooth-SwiGLU's
+                      per-token max over this rank's FFN channels only (the FP8 reference code's form);
+                      sp: with sequence parallelism
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ def linear_case(recipe_name: str, mesh) -> dict:
     return out
 
 
-def model_case(recipe_name: str, mesh, local_max: bool) -> dict:
+def model_case(recipe_name: str, mesh, local_max: bool, sequence_parallel: bool) -> dict:
     cfg = load_config(None, [*RECIPES[recipe_name], *MODEL])
     recipe = build_recipe(cfg, get_device("cpu"))
     torch.manual_seed(0)
     whole = build_model(cfg.model, recipe).double()
     part = copy.deepcopy(whole)
-    tensor_parallel.parallelize_llama(part, mesh)
+    tensor_parallel.parallelize_llama(part, mesh, sequence_parallel)
     if local_max:
         for block in part.layers:
             block.mlp.act.max_across_shards = None
@@ -110,6 +111,7 @@ def model_case(recipe_name: str, mesh, local_max: bool) -> dict:
     logits_w, logits_p = whole(tokens), part(tokens)
     (logits_w.float() ** 2).mean().backward()
     (logits_p.float() ** 2).mean().backward()
+    tensor_parallel.sync_sequence_parallel_grads(part)  # what the engines do before clipping
     grads = {}
     for (name, pw), (_, pp) in zip(whole.named_parameters(), part.named_parameters(), strict=True):
         gp = pp.grad.full_tensor() if isinstance(pp.grad, DTensor) else pp.grad
@@ -125,7 +127,7 @@ def main() -> None:
     for case in sys.argv[2:]:
         kind, recipe_name, *flags = case.split(":")
         result[case] = (linear_case(recipe_name, mesh) if kind == "linear"
-                        else model_case(recipe_name, mesh, "local_max" in flags))
+                        else model_case(recipe_name, mesh, "local_max" in flags, "sp" in flags))
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w", encoding="utf-8") as f:
             json.dump(result, f)

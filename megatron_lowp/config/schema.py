@@ -216,6 +216,9 @@ class ParallelConfig:
     engine: str = choice_from("single", "megatron_lowp.parallel:ENGINES")
     tp: int = bounded(1, ge=1, doc="tensor-parallel degree: ranks per dp x tp mesh row splitting each block "
                                    "(engines single and fsdp; docs/launch.md)")
+    # tp > 1: the residual stream and the norms hold seq_len / tp positions per rank (all-gathered
+    # into each block's attention and MLP, reduce-scattered out), less activation memory
+    sequence_parallel: bool = False
     timeout_s: float = bounded(600.0, gt=0, doc="a collective waiting longer (a dead or hung rank) ends the job")
     fsdp_param_dtype: str = choice("autocast", "autocast", "fp32",
                                    doc="fsdp: all-gather parameters in the autocast dtype (BF16) or in FP32")

@@ -27,6 +27,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     tp: int = 1  # ranks laid out as a (dp, tp) mesh, row-major: rank = dp_rank * tp + tp_rank
+    sequence_parallel: bool = False  # tp > 1: activations between the blocks split along the sequence
 
     @property
     def is_main(self) -> bool:

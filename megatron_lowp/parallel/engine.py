@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from megatron_lowp.parallel import dist, grad_norm
 from megatron_lowp.parallel.dist import DistInfo
 from megatron_lowp.parallel.mesh import apply_tensor_parallel
+from megatron_lowp.parallel.tensor_parallel import sync_sequence_parallel_grads
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -68,6 +69,7 @@ class Engine:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (inf: only measure); returns the global gradient norm before clipping."""
         if self.info.tp > 1:  # gradients on several meshes
+            sync_sequence_parallel_grads(self.module)  # (a no-op without sequence parallelism)
             return grad_norm.clip_grad_norm(self.module.parameters(), max_norm if max_norm > 0 else math.inf)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm if max_norm > 0 else math.inf)
 

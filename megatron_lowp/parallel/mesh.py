@@ -20,5 +20,5 @@ def apply_tensor_parallel(module: nn.Module, device_type: str, info: DistInfo) -
     from megatron_lowp.parallel.tensor_parallel import parallelize_llama
 
     mesh = device_mesh(device_type, info)
-    parallelize_llama(module, mesh["tp"])
+    parallelize_llama(module, mesh["tp"], info.sequence_parallel)
     return mesh

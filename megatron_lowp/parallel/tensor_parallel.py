@@ -28,12 +28,21 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megatron_lowp.config.schema import ModelConfig
 from megatron_lowp.errors import UserError
 from megatron_lowp.model.llama import ffn_hidden_size
-from megatron_lowp.parallel.tp_comm import copy_to_tp, gather_rows, max_over_tp, reduce_from_tp
+from megatron_lowp.parallel.tp_comm import (
+    copy_to_tp,
+    gather_rows,
+    gather_seq,
+    gather_seq_whole,
+    max_over_tp,
+    reduce_from_tp,
+    scatter_seq,
+    split_seq,
+)
 from megatron_lowp.precision.tp_shard import LinearShard
 
 
@@ -75,13 +84,34 @@ def _shard(linear: nn.Module, mesh: DeviceMesh, kind: str, index: torch.Tensor, 
         linear.tp.check_blocks(linear.specs, getattr(linear, "name", "a linear"))
 
 
-def _whole_in_partial_out(module: nn.Module, group) -> None:
-    """The module's first input enters column-parallel linears (f); its output is a partial sum (g)."""
-    module.register_forward_pre_hook(lambda mod, args: (copy_to_tp(args[0], group), *args[1:]))
-    module.register_forward_hook(lambda mod, args, out: reduce_from_tp(out, group))
+def _whole_in_partial_out(module: nn.Module, group, sequence_parallel: bool) -> None:
+    """The module's first input enters column-parallel linears (f, or an all-gather of the sequence
+    shards); its output is a partial sum (g, or a reduce-scatter to the sequence shards)."""
+    enter, leave = (gather_seq, scatter_seq) if sequence_parallel else (copy_to_tp, reduce_from_tp)
+    module.register_forward_pre_hook(lambda mod, args: (enter(args[0], group), *args[1:]))
+    module.register_forward_hook(lambda mod, args, out: leave(out, group))
 
 
-def parallelize_llama(model: nn.Module, mesh: DeviceMesh) -> None:
+def _split_sequence(model: nn.Module, group) -> None:
+    """Sequence parallelism: the residual stream and the norms between the blocks hold seq / tp
+    positions per rank; the LM head gets the whole sequence back. The norms' weight gradients are
+    then sums over this rank's positions only: `sync_sequence_parallel_grads` adds them over tp."""
+    model.embed.register_forward_hook(lambda mod, args, out: split_seq(out, group))
+    model.norm.register_forward_hook(lambda mod, args, out: gather_seq_whole(out, group))
+    norms = [m for block in model.layers for m in (block.attn_norm, block.mlp_norm)] + [model.norm]
+    model.sequence_parallel_norms = (group, norms)
+
+
+def sync_sequence_parallel_grads(model: nn.Module) -> None:
+    """After the last backward of a step: the sequence-parallel norms' gradients, summed over tp."""
+    group, norms = getattr(model, "sequence_parallel_norms", (None, []))
+    for norm in norms:
+        g = norm.weight.grad
+        if g is not None:
+            torch.distributed.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=group)
+
+
+def parallelize_llama(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Apply the tensor-parallel plan to every block of `model` (in place) on the 1-D tp `mesh`."""
     tp, rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     check_tp_shapes(model.cfg, tp)
@@ -100,5 +130,7 @@ def parallelize_llama(model: nn.Module, mesh: DeviceMesh) -> None:
         _shard(mlp.down, mesh, "row", _chunk(rank, ffn, tp), ffn, _local)
         if hasattr(mlp.act, "max_across_shards"):
             mlp.act.max_across_shards = functools.partial(max_over_tp, group=group)
-        _whole_in_partial_out(attn, group)
-        _whole_in_partial_out(mlp, group)
+        _whole_in_partial_out(attn, group, sequence_parallel)
+        _whole_in_partial_out(mlp, group, sequence_parallel)
+    if sequence_parallel:
+        _split_sequence(model, group)

@@ -79,3 +79,96 @@ def max_over_tp(t: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     t = t.detach().contiguous().clone()
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
+
+
+# --- sequence parallelism: activations (batch, seq, hidden) split along the sequence (dim 1) ---
+
+def _gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    xs = x.transpose(0, 1).contiguous()  # the collectives split dim 0
+    out = torch.empty((dist.get_world_size(group) * xs.shape[0], *xs.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather(out, xs, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+def _scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    xs = x.transpose(0, 1).contiguous()
+    out = torch.empty((xs.shape[0] // dist.get_world_size(group), *xs.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter(out, xs, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+def _own_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    n = x.shape[1] // dist.get_world_size(group)
+    r = dist.get_rank(group)
+    return x[:, r * n:(r + 1) * n].contiguous()
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Forward all-gather along the sequence; backward reduce-scatter (each rank's gradient covers
+    every position, the sum over ranks goes to the position's owner)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Forward reduce-scatter of partial sums to sequence shards; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _SplitSeq(torch.autograd.Function):
+    """Forward: this rank's positions of a whole tensor; backward all-gather (every rank's gradient
+    of the whole tensor is then the same)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _GatherSeqWhole(torch.autograd.Function):
+    """Forward all-gather into a tensor every rank then uses whole and identically (the LM head);
+    backward: this rank's positions of the (identical) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_seq(grad, ctx.group), None
+
+
+def gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _ScatterSeq.apply(x, group)
+
+
+def split_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _SplitSeq.apply(x, group)
+
+
+def gather_seq_whole(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _GatherSeqWhole.apply(x, group)

@@ -76,7 +76,8 @@ class Trainer:
         check_tensor_parallel(cfg, local.world_size, capabilities)
         check_batch_split(cfg, local.world_size // cfg.parallel.tp)
         self.dist = replace(init_distributed(self.device.dist_backend, cfg.parallel.timeout_s,
-                                             need_group=cfg.parallel.engine != "single"), tp=cfg.parallel.tp)
+                                             need_group=cfg.parallel.engine != "single"), tp=cfg.parallel.tp,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer)
         t = cfg.train

@@ -40,6 +40,9 @@ def check_tensor_parallel(cfg: Config, world_size: int, capabilities) -> None:
         raise UserError(f"parallel.engine: '{p.engine}' does not compose with parallel.tp = {p.tp}; "
                         f"tensor parallelism works with {', '.join(ok)}")
     check_tp_shapes(cfg.model, p.tp)
+    if p.sequence_parallel and cfg.train.seq_len % p.tp:
+        raise UserError(f"parallel.sequence_parallel: train.seq_len ({cfg.train.seq_len}) must be a multiple of "
+                        f"parallel.tp ({p.tp}) to split the sequence evenly")
     if world_size % p.tp:
         raise UserError(f"parallel.tp: {p.tp} does not divide WORLD_SIZE ({world_size}): the ranks form a dp x tp "
                         f"mesh; start a multiple of {p.tp} processes (torchrun --nproc_per_node, launch/)")
