@@ -7,7 +7,9 @@ Within a block, per tp group of N ranks:
 - row-parallel (in_features / N columns): attention's out and the MLP's down; each rank multiplies
   its slice and the partial sums are added over the group at the attention/MLP output, so anything
   the MLP applies to its output (per-token Smooth-SwiGLU's scale) is applied before the sum;
-- the embedding, the norms, the residual stream and the LM head stay whole on every rank.
+- the embedding, the norms, the residual stream and the LM head stay whole on every rank; with
+  sequence parallelism the residual stream and the norms hold seq / N positions per rank instead
+  (all-gathered into the attention and MLP, reduce-scattered out of them).
 
 Parameters become DTensors sharded on the tp mesh dimension (Shard(0) column-parallel, Shard(1)
 row-parallel) in their usual layout, so checkpoints (DCP) hold global tensors and resume at any tp
