@@ -148,6 +148,9 @@ class PrecisionConfig:
     # emulated: quantize-dequantize then matmul (every device, the reference); native: FP8 GEMMs on
     # the FP8 bytes (torch._scaled_mm) where both operands are per-tensor FP8.
     backend: str = choice("emulated", "emulated", "native")
+    # false: forward passes compute in FP32 instead of the device's BF16 autocast (exactness checks,
+    # e.g. tensor parallelism against one process, where BF16 rounding would hide the comparison)
+    autocast: bool = True
 
 
 @dataclass
@@ -223,6 +226,11 @@ class ParallelConfig:
     # deepspeed: DeepSpeed ZeRO (stage from deepspeed_config or zero_stage). Launch several ranks
     # with launch/ (torchrun, Slurm, deepspeed).
     engine: str = choice_from("single", "megatron_lowp.parallel:ENGINES")
+    tp: int = bounded(1, ge=1, doc="tensor-parallel degree: ranks per dp x tp mesh row splitting each block "
+                                   "(engines single and fsdp; docs/launch.md)")
+    # tp > 1: the residual stream and the norms hold seq_len / tp positions per rank (all-gathered
+    # into each block's attention and MLP, reduce-scattered out), less activation memory
+    sequence_parallel: bool = False
     timeout_s: float = bounded(600.0, gt=0, doc="a collective waiting longer (a dead or hung rank) ends the job")
     fsdp_param_dtype: str = choice("autocast", "autocast", "fp32",
                                    doc="fsdp: all-gather parameters in the autocast dtype (BF16) or in FP32")

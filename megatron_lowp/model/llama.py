@@ -125,11 +125,15 @@ class SmoothGatedSiLU(nn.Module):
         if granularity not in ("token", "channel"):
             raise ValueError(f"Smooth-SwiGLU granularity {granularity!r}: allowed token, channel")
         self.granularity = granularity
+        # Tensor parallelism sets this to a MAX over the ranks holding the other FFN channels, so the
+        # per-token max spans the whole FFN width (per channel, every channel's max is local).
+        self.max_across_shards = None
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor):
         a = up.detach().abs()
         if self.granularity == "token":
-            s = _nonzero(a.amax(dim=-1, keepdim=True))
+            s = a.amax(dim=-1, keepdim=True)
+            s = _nonzero(s if self.max_across_shards is None else self.max_across_shards(s))
             return F.silu(gate) * (up / s), s, None
         s = _nonzero(a.reshape(-1, a.shape[-1]).amax(dim=0))
         return F.silu(gate) * (up / s), None, s

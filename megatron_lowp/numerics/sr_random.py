@@ -103,6 +103,19 @@ class SRGenerator:
         self.offset += u.numel()
         return u
 
+    def uniform_block(self, global_shape: tuple[int, int], rows: torch.Tensor | None, cols: torch.Tensor | None,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """The uniforms a draw over a 2-D tensor of `global_shape` gives the sub-block at row indices
+        `rows` and column indices `cols` (None: all), as if the whole tensor had been drawn; the offset
+        advances by the global numel. Tensor-parallel shards draw this way, so every rank holds the
+        bits the unsharded tensor would get."""
+        n_rows, n_cols = global_shape
+        r = torch.arange(n_rows, device=device) if rows is None else rows.to(device=device, dtype=torch.int64)
+        c = torch.arange(n_cols, device=device) if cols is None else cols.to(device=device, dtype=torch.int64)
+        counter = self.offset + r[:, None] * n_cols + c[None, :]
+        self.offset += n_rows * n_cols
+        return (hash32(self.seed, counter) >> 8).to(torch.float32) * 2.0**-24
+
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "offset": self.offset}
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lowp.parallel.dist import DistInfo
-from megatron_lowp.parallel.engine import Engine, OptimizerFactory
+from megatron_lowp.parallel.engine import Engine, EngineCapabilities, OptimizerFactory
 
 # Buffers need no sync before each forward: our only ones are the RoPE tables, the same on every rank.
 # torch 2.13 deprecates `broadcast_buffers` (a FutureWarning on every rank) for `forward_sync_buffers`,
@@ -20,6 +20,8 @@ NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.si
 
 class DDPEngine(Engine):
     name = "ddp"
+    # DDP all-reduces whole local gradients and knows no DTensor shards: no tensor parallelism
+    capabilities = EngineCapabilities(tensor_parallel=False)
 
     @classmethod
     def from_config(cls, cfg, module, make_optimizer, device, recipe, info):

@@ -279,7 +279,7 @@ def _check_combination(cfg, stage: int, optimizer: torch.optim.Optimizer, half: 
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
-    capabilities = EngineCapabilities(plain_module_gradients=False)
+    capabilities = EngineCapabilities(plain_module_gradients=False, tensor_parallel=False)
 
     @classmethod
     def from_config(cls, cfg, module, make_optimizer, device, recipe, info):

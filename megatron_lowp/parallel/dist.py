@@ -26,10 +26,25 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tp: int = 1  # ranks laid out as a (dp, tp) mesh, row-major: rank = dp_rank * tp + tp_rank
+    sequence_parallel: bool = False  # tp > 1: activations between the blocks split along the sequence
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # The data-parallel position: ranks of one tp group read the same samples.
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
 
 def env_info() -> DistInfo:

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from megatron_lowp.parallel import dist
+from megatron_lowp.parallel import dist, grad_norm
 from megatron_lowp.parallel.dist import DistInfo
+from megatron_lowp.parallel.mesh import apply_tensor_parallel
+from megatron_lowp.parallel.tensor_parallel import sync_sequence_parallel_grads
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -35,6 +37,8 @@ class EngineCapabilities:
     # torch.autograd.grad on the unwrapped module gives this rank's gradients without side effects
     # (what the gradient-noise monitor needs); FSDP and ZeRO own their parameters' backward.
     plain_module_gradients: bool = True
+    # parallel.tp > 1 composes with this engine (parallel/tensor_parallel.py on the mesh's tp dimension)
+    tensor_parallel: bool = True
 
 
 class Engine:
@@ -45,6 +49,7 @@ class Engine:
     def from_config(cls, cfg, module: nn.Module, make_optimizer: OptimizerFactory, device, recipe,
                     info: DistInfo) -> Engine:
         """The engine for a run (each engine takes what it needs of the config, device and recipe)."""
+        apply_tensor_parallel(module, device.type, info)
         return cls(module, make_optimizer, info)
 
     def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo):
@@ -63,6 +68,9 @@ class Engine:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (inf: only measure); returns the global gradient norm before clipping."""
+        if self.info.tp > 1:  # gradients on several meshes
+            sync_sequence_parallel_grads(self.module)  # (a no-op without sequence parallelism)
+            return grad_norm.clip_grad_norm(self.module.parameters(), max_norm if max_norm > 0 else math.inf)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm if max_norm > 0 else math.inf)
 
     def set_lr(self, lr: float) -> None:

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_lowp.parallel.dist import DistInfo
 from megatron_lowp.parallel.engine import Engine, EngineCapabilities, OptimizerFactory
+from megatron_lowp.parallel.mesh import apply_tensor_parallel
 
 
 class FSDPEngine(Engine):
@@ -32,7 +33,9 @@ class FSDPEngine(Engine):
 
     def __init__(self, module: nn.Module, make_optimizer: OptimizerFactory, info: DistInfo, device_type: str,
                  param_dtype: torch.dtype | None):
-        mesh = init_device_mesh(device_type, (info.world_size,))
+        # with tensor parallelism, FSDP shards over the dp dimension of the (dp, tp) mesh
+        tp_mesh = apply_tensor_parallel(module, device_type, info)
+        mesh = init_device_mesh(device_type, (info.world_size,)) if tp_mesh is None else tp_mesh["dp"]
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in module.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -44,5 +47,5 @@ class FSDPEngine(Engine):
         return super().accumulating(last)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_grad_norm(max_norm)
+        norm = super().clip_grad_norm(max_norm)  # over both meshes with tensor parallelism
         return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -22,7 +22,8 @@ def bf16_recipe(cfg, device) -> PrecisionRecipe:
         raise UserError("precision.qaf: recipe 'bf16' quantizes no linear layer, so there is nothing to finetune "
                         "for; QAF needs a quantized recipe (fp4, fp8, custom)")
     activation = mlp_activation(cfg.precision)
-    if device.supports_autocast(torch.bfloat16):
+    if cfg.precision.autocast and device.supports_autocast(torch.bfloat16):
         return PrecisionRecipe(name="bf16", autocast_dtype=torch.bfloat16, mlp_activation=activation)
-    log.warning("%s has no BF16 autocast; the bf16 recipe computes in FP32", device)
+    if cfg.precision.autocast:
+        log.warning("%s has no BF16 autocast; the bf16 recipe computes in FP32", device)
     return PrecisionRecipe(name="bf16", autocast_dtype=None, mlp_activation=activation)

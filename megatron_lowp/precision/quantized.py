@@ -83,7 +83,7 @@ def quantized_recipe(cfg, device, name: str, specs: GemmSpecs, cls: type[Quantiz
             f"precision.backend: 'native' needs FP8 GEMM hardware (NVIDIA sm89+, Gaudi2+); "
             f"{device.capabilities.name} has none; use precision.backend=emulated"
         )
-    dtype = torch.bfloat16 if device.supports_autocast(torch.bfloat16) else None
+    dtype = torch.bfloat16 if p.autocast and device.supports_autocast(torch.bfloat16) else None
     return cls(
         name=name, autocast_dtype=dtype, mlp_activation=mlp_activation(p),
         specs=specs, high_precision=tuple(p.high_precision),

@@ -47,8 +47,9 @@ class RoleQuantizer:
     bits and SR draws are the same either way (fake_quantize == quantize + dequantize)."""
 
     def __init__(self, specs: GemmSpecs, gen: SRGenerator, delayed: DelayedScaling | None, observing: bool,
-                 stats: dict[str, dict[str, torch.Tensor]] | None = None):
+                 stats: dict[str, dict[str, torch.Tensor]] | None = None, tp=None):
         self.specs, self.gen, self.delayed, self.observing, self.stats = specs, gen, delayed, observing, stats
+        self.tp = tp  # a LinearShard (precision/tp_shard.py) when tensor-parallel: global scales and SR draws
 
     def _record(self, role: str, t: torch.Tensor, qt: QuantizedTensor) -> None:
         new = quantization_stats(t, qt)
@@ -64,6 +65,10 @@ class RoleQuantizer:
         scale = self.delayed.scale(role)
         return {} if scale is None else {"scale": scale}
 
+    def _args(self, role: str, t: torch.Tensor, spec: QuantSpec) -> tuple[QuantSpec, SRGenerator, dict]:
+        extra = self._extra(role, t)
+        return (spec, self.gen, extra) if self.tp is None else self.tp.quantize_args(role, t, spec, self.gen, extra)
+
     def fake(self, role: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The operand dequantized to the compute dtype (t itself for a high-precision role)."""
         spec = getattr(self.specs, role)
@@ -71,14 +76,16 @@ class RoleQuantizer:
             return t.to(dtype)
         if self.stats is not None:
             return self.packed(role, t).dequantize(dtype)
-        return spec.fake_quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t)).to(dtype)
+        spec, gen, extra = self._args(role, t, spec)
+        return spec.fake_quantize(t, ROLE_AXIS[role], gen, **extra).to(dtype)
 
     def packed(self, role: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor:
         """A QuantizedTensor to keep (for backward or a native GEMM), or t for a high-precision role."""
         spec = getattr(self.specs, role)
         if spec is None:
             return t
-        qt = spec.quantize(t, ROLE_AXIS[role], self.gen, **self._extra(role, t))
+        spec, gen, extra = self._args(role, t, spec)
+        qt = spec.quantize(t, ROLE_AXIS[role], gen, **extra)
         if self.stats is not None:
             self._record(role, t, qt)
         return qt
@@ -228,6 +235,7 @@ class QuantizedLinear(nn.Module):
         self.sr_base_seed, self.rank = layer_seed(name, seed), 0
         self.sr = SRGenerator(seed=self.sr_base_seed)
         self.stats: dict[str, dict[str, torch.Tensor]] | None = None  # a dict while telemetry is on
+        self.tp = None  # a LinearShard when tensor-parallel (parallel/tensor_parallel.py sets it)
         delayed = {r: getattr(specs, r) for r in ROLE_AXIS if getattr(specs, r) and getattr(specs, r).amax_history}
         fmt_max = {r: _element(spec).max_value for r, spec in delayed.items()}
         self.delayed = DelayedScaling(delayed, fmt_max) if delayed else None
@@ -235,8 +243,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T, or x (W diag(col_scale))^T: the column scale is folded in before W is quantized."""
         observing = self.training and torch.is_grad_enabled()
-        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats)
-        weight = self.weight if col_scale is None else self.weight * col_scale
+        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats, self.tp)
+        weight = self.weight if self.tp is None else self.tp.local_weight(self.weight)
+        weight = weight if col_scale is None else weight * col_scale
         return QuantizedLinearFunction.apply(x, weight, q, self.backend, torch.is_grad_enabled())
 
     def commit_amax(self, reduce_max: ReduceMax | None = None) -> None:

@@ -112,9 +112,11 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.tp = None  # a LinearShard when tensor-parallel (parallel/tensor_parallel.py sets it)
 
     def forward(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight if col_scale is None else self.weight * col_scale
+        weight = self.weight if self.tp is None else self.tp.local_weight(self.weight)
+        weight = weight if col_scale is None else weight * col_scale
         return F.linear(x, weight)
 
 

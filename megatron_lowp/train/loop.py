@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ from megatron_lowp.train.setup import (
     check_batch_split,
     check_compatible,
     check_single_process,
+    check_tensor_parallel,
     prepare_run_dir_on_main,
     resolve_vocab,
 )
@@ -71,9 +72,12 @@ class Trainer:
         self.device: Device = get_device(cfg.device.type, index=local.local_rank, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
         self.notes: list[str] = [set_cpu_threads(cfg.device.cpu_threads)]  # messages for the progress display
-        check_batch_split(cfg, local.world_size)
-        self.dist = init_distributed(self.device.dist_backend, cfg.parallel.timeout_s,
-                                     need_group=cfg.parallel.engine != "single")
+        capabilities = engine_class(cfg.parallel.engine).capabilities
+        check_tensor_parallel(cfg, local.world_size, capabilities)
+        check_batch_split(cfg, local.world_size // cfg.parallel.tp)
+        self.dist = replace(init_distributed(self.device.dist_backend, cfg.parallel.timeout_s,
+                                             need_group=cfg.parallel.engine != "single"), tp=cfg.parallel.tp,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer)
         t = cfg.train
@@ -84,8 +88,12 @@ class Trainer:
         self.recipe = build_recipe(cfg, self.device)
         self.device.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
-        self.recipe.attach(model, self.dist.rank)
-        self.recipe.check_engine(cfg.parallel.engine, engine_class(cfg.parallel.engine).capabilities)
+        self.recipe.attach(model, self.dist.dp_rank)  # SR streams per data-parallel rank
+        engine_name = cfg.parallel.engine
+        if cfg.parallel.tp > 1:  # the plain module's gradients are this rank's shards
+            capabilities = replace(capabilities, plain_module_gradients=False)
+            engine_name += f" with parallel.tp = {cfg.parallel.tp}"
+        self.recipe.check_engine(engine_name, capabilities)
         self.notes += schedule_warnings(cfg.optim, t.steps) + self.recipe.drain()[1]  # e.g. a QAF that cannot fit
         self.engine = build_engine(cfg, model, lambda m: build_optimizer(m, cfg.optim), self.device, self.recipe,
                                    self.dist)
@@ -193,8 +201,8 @@ class Trainer:
         self.engine.set_lr(lr if lr is not None else lr_at(self.step, self.cfg.optim, t.steps))
         while self.consumed_samples in self.nonfinite.skip_batches:  # data a rollback found to produce NaN/Inf
             self.consumed_samples += t.global_batch_size
-        batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size, self.dist.rank,
-                                         self.dist.world_size)  # this rank's share
+        batch = self.stream.global_batch(self.consumed_samples, t.global_batch_size, self.dist.dp_rank,
+                                         self.dist.dp_size)  # this data-parallel rank's share
         micro_batches = batch.split(t.micro_batch_size)
         self.recipe.before_step(self.step, micro_batches, self._loss)
         total = torch.zeros((), device=self.device.torch_device)
@@ -237,9 +245,10 @@ class Trainer:
             return sequence_losses(logits, batch[:, 1:])
 
         def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            t = t if self.dist.tp_rank == 0 else torch.zeros_like(t)  # a tp group's ranks hold the same sums
             return dist.all_reduce(t.to(self.device.torch_device), "sum").cpu()
 
-        loss = self.valid_data.loss(losses_of, self.dist.rank, self.dist.world_size, all_reduce_sum)
+        loss = self.valid_data.loss(losses_of, self.dist.dp_rank, self.dist.dp_size, all_reduce_sum)
         self.model.train()
         return loss
 

@@ -20,18 +20,43 @@ SHAPE_KEYS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_head
 
 
 def check_single_process(cfg: Config) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and cfg.parallel.engine == "single":
-        raise UserError(f"parallel.engine: 'single' trains in one process, but this job has WORLD_SIZE={world} "
-                        "(torchrun/srun started several); run it as one process")
+    world, tp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp
+    if world > tp and cfg.parallel.engine == "single":
+        what = "one process" if tp == 1 else f"one tensor-parallel group of parallel.tp = {tp} processes"
+        raise UserError(f"parallel.engine: 'single' trains in {what}, but this job has WORLD_SIZE={world} "
+                        f"(torchrun/srun started more); start {tp} or use a data-parallel engine")
 
 
-def check_batch_split(cfg: Config, world_size: int) -> None:
+def check_tensor_parallel(cfg: Config, world_size: int, capabilities) -> None:
+    """parallel.tp must divide the world, and the engine must compose with tensor parallelism."""
+    p = cfg.parallel
+    if p.tp == 1:
+        return
+    from megatron_lowp.parallel import ENGINES, engine_class
+    from megatron_lowp.parallel.tensor_parallel import check_tp_shapes
+
+    if not capabilities.tensor_parallel:
+        ok = [e for e in ENGINES if engine_class(e).capabilities.tensor_parallel]
+        raise UserError(f"parallel.engine: '{p.engine}' does not compose with parallel.tp = {p.tp}; "
+                        f"tensor parallelism works with {', '.join(ok)}")
+    check_tp_shapes(cfg.model, p.tp)
+    if p.sequence_parallel and cfg.train.seq_len % p.tp:
+        raise UserError(f"parallel.sequence_parallel: train.seq_len ({cfg.train.seq_len}) must be a multiple of "
+                        f"parallel.tp ({p.tp}) to split the sequence evenly")
+    if world_size % p.tp:
+        raise UserError(f"parallel.tp: {p.tp} does not divide WORLD_SIZE ({world_size}): the ranks form a dp x tp "
+                        f"mesh; start a multiple of {p.tp} processes (torchrun --nproc_per_node, launch/)")
+    if cfg.precision.telemetry_every:
+        raise UserError("precision.telemetry_every: per-layer telemetry counts this rank's shard only under "
+                        f"parallel.tp = {p.tp}; set it to 0 (or train with tp = 1)")
+
+
+def check_batch_split(cfg: Config, dp_size: int) -> None:
     t = cfg.train
-    if t.global_batch_size % (world_size * t.micro_batch_size):
-        raise UserError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
-                        f"WORLD_SIZE ({world_size}) x train.micro_batch_size ({t.micro_batch_size}), so every "
-                        "rank runs whole micro-batches of the same global batch")
+    if t.global_batch_size % (dp_size * t.micro_batch_size):
+        raise UserError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of the data-parallel "
+                        f"size ({dp_size}: WORLD_SIZE / parallel.tp) x train.micro_batch_size "
+                        f"({t.micro_batch_size}), so every rank runs whole micro-batches of the same global batch")
 
 
 def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:

@@ -1,0 +1,140 @@
+"""Run under torchrun with 2 ranks (gloo): tensor-parallel pieces against the whole computation on
+the same inputs, in float64 so that GEMM rounding (1e-16) cannot hide one differently quantized
+element (a quantum is ~1e-2 relative). Writes the worst relative differences as JSON to argv[1], per case (argv[2:]):
+
+    linear:<recipe>   a column- and a row-parallel quantized linear, 2 steps (delayed scales commit in between)
+    model:<recipe>[:local_max][:sp]   a tiny Llama: logits and every gradient; local_max: Smooth-SwiGLU's
+                      per-token max over this rank's FFN channels only (the FP8 reference code's form);
+                      sp: with sequence parallelism
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from megatron_lowp.config import load_config
+from megatron_lowp.device import get_device
+from megatron_lowp.model import build_model
+from megatron_lowp.parallel import tensor_parallel
+from megatron_lowp.precision import QuantizedLinear, build_recipe
+from megatron_lowp.precision.quantized_linear import commit_amax_histories
+
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
+         "model.vocab_size=256", "precision.autocast=false"]
+
+
+ROLES = ("x", "w", "dy", "w_t", "dy_t", "x_t")
+# fp8_current: the fp8 recipe with current (this tensor's) amax in every role instead of delayed, and
+# scales that are not powers of two (with those, FP8 values do not depend on the amax except at the
+# range's ends, so a wrong amax would go unseen)
+RECIPES = {"bf16": ["precision.recipe=bf16"], "fp8": ["precision.recipe=fp8"], "fp4": ["precision.recipe=fp4"],
+           "fp8_current": ["precision.recipe=fp8", *(f"precision.{r}.amax=current" for r in ROLES),
+                           *(f"precision.{r}.power_of_two=false" for r in ROLES)]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def linear_case(recipe_name: str, mesh) -> dict:
+    rank = dist.get_rank()
+    recipe = build_recipe(load_config(None, [*RECIPES[recipe_name], *MODEL]), get_device("cpu"))
+    out = {}
+    for kind in ("column", "row"):
+        torch.manual_seed(0)
+        whole = QuantizedLinear(64, 96, recipe.specs, name="layers.0.mlp.up").double()
+        with torch.no_grad():  # rank 0's half 8x larger: a shard's own amax is not the tensor's
+            whole.weight[:48] *= 8
+            whole.weight[:, :32] *= 8
+        part = copy.deepcopy(whole)
+        n = (96 if kind == "column" else 64) // 2
+        index = torch.arange(rank * n, (rank + 1) * n)
+        tensor_parallel._shard(part, mesh, kind, index, 2 * n, tensor_parallel._local)
+        worst = 0.0
+        for _step in range(2):
+            x, dy = torch.randn(32, 64, dtype=torch.float64), torch.randn(32, 96, dtype=torch.float64)
+            x[:, :32] *= 8
+            dy[:, :48] *= 8
+            xw = x.clone().requires_grad_()
+            y_whole = whole(xw)
+            y_whole.backward(dy)
+            y_whole = y_whole.detach()
+            if kind == "column":
+                xp = x.clone().requires_grad_()
+                y = part(xp)
+                y.backward(dy[:, index])
+                dx = xp.grad.clone()
+                dist.all_reduce(dx)
+                diffs = [rel(y.detach(), y_whole[:, index]), rel(dx, xw.grad),
+                         rel(part.weight.grad.to_local(), whole.weight.grad[index])]
+            else:
+                xp = x[:, index].clone().requires_grad_()
+                y = part(xp)
+                y.backward(dy)
+                y_sum = y.detach().clone()
+                dist.all_reduce(y_sum)
+                diffs = [rel(y_sum, y_whole), rel(xp.grad, xw.grad[:, index]),
+                         rel(part.weight.grad.to_local(), whole.weight.grad[:, index])]
+            worst = max(worst, *diffs)
+            commit_amax_histories(whole)
+            commit_amax_histories(part, reduce_max)
+            whole.weight.grad = part.weight.grad = None
+        out[kind] = worst
+        out[f"{kind}_sr_offset_equal"] = part.sr.offset == whole.sr.offset
+    return out
+
+
+def model_case(recipe_name: str, mesh, local_max: bool, sequence_parallel: bool) -> dict:
+    cfg = load_config(None, [*RECIPES[recipe_name], *MODEL])
+    recipe = build_recipe(cfg, get_device("cpu"))
+    torch.manual_seed(0)
+    whole = build_model(cfg.model, recipe).double()
+    part = copy.deepcopy(whole)
+    tensor_parallel.parallelize_llama(part, mesh, sequence_parallel)
+    if local_max:
+        for block in part.layers:
+            block.mlp.act.max_across_shards = None
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    logits_w, logits_p = whole(tokens), part(tokens)
+    (logits_w.float() ** 2).mean().backward()
+    (logits_p.float() ** 2).mean().backward()
+    tensor_parallel.sync_sequence_parallel_grads(part)  # what the engines do before clipping
+    grads = {}
+    for (name, pw), (_, pp) in zip(whole.named_parameters(), part.named_parameters(), strict=True):
+        gp = pp.grad.full_tensor() if isinstance(pp.grad, DTensor) else pp.grad
+        grads[name] = rel(gp, pw.grad)
+    return {"logits": rel(logits_p.detach(), logits_w.detach()), "grads": max(grads.values()), "per_grad": grads}
+
+
+def main() -> None:
+    """argv: the JSON path, then cases such as linear:fp8 or model:fp4:local_max (one launch, many cases)."""
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    result = {}
+    for case in sys.argv[2:]:
+        kind, recipe_name, *flags = case.split(":")
+        result[case] = (linear_case(recipe_name, mesh) if kind == "linear"
+                        else model_case(recipe_name, mesh, "local_max" in flags, "sp" in flags))
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
