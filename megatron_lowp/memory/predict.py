@@ -110,12 +110,12 @@ def predict(cfg: Config, recipe, world_size: int = 1) -> Ledger:
         model = build_model(cfg.model, _TracedRecipe(recipe))
         apply_activation_checkpointing(model, t.activation_checkpointing)
         model.train()
-        tokens = torch.zeros(micro, t.seq_len, dtype=torch.long)
+        batch = torch.zeros(micro, t.seq_len + 1, dtype=torch.long)  # as the trainer slices it
         device = _cpu()
         with SavedTensors(model) as saved:
             with recipe.forward_context(device):
-                logits = model(tokens)
-            cross_entropy_loss(logits, tokens)
+                logits = model(batch[:, :-1])
+            cross_entropy_loss(logits, batch[:, 1:])
         params = list(model.parameters())
         quantized = [m for m in model.modules() if isinstance(m, _StoredLinear)]
         operands = [micro * t.seq_len * max(m.weight.shape) for m in quantized]
