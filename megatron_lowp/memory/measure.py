@@ -56,6 +56,7 @@ class MemoryWatch:
         self.meta = meta
         self.measuring_step: int | None = None  # the step being measured (the first this process runs)
         self.saved: SavedTensors | None = None
+        self.stats_before: dict = {}
         self.gradients = 0
         self.record: dict | None = None if enabled else {}  # {}: nothing to measure (logging.memory off, or not rank 0)
         self.enabled = enabled
@@ -65,6 +66,7 @@ class MemoryWatch:
         if self.record is not None or micro_index != 0:
             return contextlib.nullcontext()
         self.measuring_step = step
+        self.stats_before = self.device.memory_stats()  # on the CPU: the peak RSS of start-up, model and data
         self.saved = SavedTensors(self.model)
         return self.saved
 
@@ -83,7 +85,8 @@ class MemoryWatch:
             ledger.categories["largest_transient"] = max(0, stats["peak_allocated"] - ledger.total)
         else:
             ledger.notes.append("largest_transient: not measured (the CPU allocator keeps no peak; see peak_rss)")
-        self.record = {**self.meta, "step": step, "measured": ledger.as_dict(), "memory_stats_first_step": stats}
+        self.record = {**self.meta, "step": step, "measured": ledger.as_dict(),
+                       "memory_stats_before_first_step": self.stats_before, "memory_stats_first_step": stats}
         self.saved = None
         self._write()
 

@@ -59,7 +59,10 @@ class CompileWatch:
         breaks, graphs = _counters()
         new = breaks - self._breaks
         self.reported = True
-        reasons = {_short(r): n for r, n in new.most_common()}
+        reasons: Counter = Counter()
+        for r, n in new.items():  # reasons that differ only after their first line are one reason
+            reasons[_short(r)] += n
+        reasons = dict(reasons.most_common())
         note = (f"train.compile: step {step} took {seconds:.1f} s (compiling the blocks); "
                 f"{graphs - self._graphs} graphs, {sum(new.values())} graph breaks"
                 + (f" ({'; '.join(f'{n}x {r}' for r, n in list(reasons.items())[:3])})" if reasons else ""))
