@@ -50,3 +50,11 @@ def test_compiled_blocks_train_like_eager_ones(repo, tmp_path, recipe):
     events = [e for e in read_jsonl(compiled.run_dir / "events.jsonl") if e.get("event") == "compile"]
     assert len(events) == 1 and events[0]["graphs"] >= 1 and isinstance(events[0]["graph_breaks"], int)
     json.dumps(events[0])
+
+
+def test_compile_with_checkpointing_is_refused_in_one_line(repo, tmp_path):
+    from megatron_lowp.errors import UserError
+
+    with pytest.raises(UserError, match=r"train\.compile: true with train\.activation_checkpointing: full is not "
+                                        r"supported yet; allowed"):
+        small_cfg(repo, tmp_path, "train.compile=true", "train.activation_checkpointing=full")

@@ -204,7 +204,7 @@ class TrainConfig:
     max_nonfinite_steps: int = bounded(5, ge=1, doc="consecutive non-finite steps tolerated before stopping")
     loss_spike_factor: float = bounded(2.0, gt=1, doc="log an event when a step's loss exceeds this x its running mean")
     # torch.compile each transformer block (quantized linears included); the first step pays the
-    # compile (logged), graph breaks are counted (train/compile.py, docs/performance.md).
+    # compile (logged), graph breaks are counted (train/compile.py, docs/compile.md).
     compile: bool = False
     # Per transformer block: full recomputes the whole block in backward (keeps its input only);
     # selective keeps every linear's saved operands and recomputes the norms, attention core and MLP

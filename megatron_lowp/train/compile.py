@@ -1,7 +1,9 @@
 """`train.compile: true`: torch.compile of every transformer block (the model contract's `model.layers`).
 
-Each block's forward is compiled in place (same module, same parameter names, same FSDP unit), before
-activation checkpointing wraps it, so a checkpointed block recomputes through its compiled code.
+Each block's forward is compiled in place (same module, same parameter names, same FSDP unit).
+Together with activation checkpointing it is refused at config time: measured, a compiled block
+under full checkpointing trained on other losses than either the compiled or the checkpointed run,
+and under selective checkpointing dynamo broke the graph at every recompute region (docs/compile.md).
 
 A module that declares `compile_opaque = True` runs inside the compiled block as one opaque call
 (torch.compiler.disable): the quantized linear does. Traced by dynamo it is a graph break at every
@@ -10,7 +12,7 @@ recompiled per operand shape and dtype until dynamo's recompile limit: on the sm
 measured 72 graph breaks, 67 graphs and a 587 s first step (bf16: 0 breaks, 150 s). Opaque, it costs
 one break per linear call; its quantizers are compiled on their own (numerics/cpu_compile.py) and
 its GEMMs are single ops either way. What the compiler fuses is the rest of the block: norms, RoPE,
-attention, the MLP gating, residual adds (docs/performance.md has the measurements).
+attention, the MLP gating, residual adds (docs/compile.md has the measurements).
 
 `CompileWatch` counts what dynamo did from the moment the blocks were compiled: graphs, graph breaks
 and their reasons, and the first step's time (the compile), for the progress display and events.jsonl.
