@@ -139,6 +139,12 @@ def _load(ctx) -> dict[str, torch.Tensor | QuantizedTensor | None]:
     return out
 
 
+def saved_operands(grad_fn) -> dict[str, torch.Tensor | QuantizedTensor | None]:
+    """What a QuantizedLinearFunction node keeps for backward, by role (x_t, w_t), as backward will
+    restore it; a RuntimeError once backward has freed it."""
+    return _load(grad_fn)
+
+
 BACKENDS = ("emulated", "native")
 
 
