@@ -78,15 +78,15 @@ def test_checkpointing_changes_no_bit(repo, tmp_path, reference, recipe, mode):
     if recipe == "fp8":
         assert ref["amax"] and all(torch.count_nonzero(h) for layer in ref["amax"] for h in layer.values())
     assert len(run["amax"]) == len(ref["amax"])
-    for a, b in zip(run["amax"], ref["amax"]):  # amaxes observed once per forward, not once more per recompute
+    for a, b in zip(run["amax"], ref["amax"], strict=True):  # amaxes observed once per forward, not once more per recompute
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert run["numerics"] == ref["numerics"]  # telemetry counted once: the recompute counts nothing
 
 
 def _saved_bytes(repo: Path, recipe: str, mode: str) -> tuple[int, torch.Tensor]:
     cfg = _cfg(repo, repo, recipe, mode)
-    from megatron_lowp.device import get_device
     from megatron_lowp.data import Tokenizer
+    from megatron_lowp.device import get_device
     from megatron_lowp.train.setup import resolve_vocab
 
     resolve_vocab(cfg, Tokenizer.load(cfg.data.tokenizer))

@@ -45,7 +45,7 @@ def test_compiled_blocks_train_like_eager_ones(repo, tmp_path, recipe):
     compiled = train(small_cfg(repo, tmp_path, "run.name=compiled", "train.compile=true", *common))
     a, b = read_jsonl(eager.run_dir / "metrics.jsonl"), read_jsonl(compiled.run_dir / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
-    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= TOLERANCE[recipe]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) <= TOLERANCE[recipe]
     assert b[0]["compile_s"] > 0 and "compile_s" not in b[1]
     events = [e for e in read_jsonl(compiled.run_dir / "events.jsonl") if e.get("event") == "compile"]
     assert len(events) == 1 and events[0]["graphs"] >= 1 and isinstance(events[0]["graph_breaks"], int)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -112,18 +110,21 @@ def test_full_checkpointing_keeps_only_the_block_inputs(measured):
     assert one_input < held["layers.0"] <= 4 * one_input
 
 
-def test_memory_command_prints_the_ledger_and_a_bad_run_dir_is_one_line(repo, measured, tmp_path):
+def test_memory_command_prints_the_ledger_and_a_bad_run_dir_is_one_line(repo, measured, tmp_path, capsys):
+    from megatron_lowp.cli import main
+
     _, _, run_dir = measured("fp8")
-    args = [sys.executable, "-m", "megatron_lowp", "memory", str(repo / "recipes/quickstart.yaml"),
-            "precision.recipe=fp8", *[o for o in small_cfg_overrides()]]
-    out = subprocess.run([*args, "--measured", str(run_dir), "--json", str(tmp_path / "m.json")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "| activations |" in out.stdout and "predicted (MiB) | measured (MiB)" in out.stdout
-    assert "every measured category within 10%" in out.stdout
+    args = ["memory", str(repo / "recipes/quickstart.yaml"), "precision.recipe=fp8", *small_cfg_overrides()]
+    assert main([*args, "--measured", str(run_dir), "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| activations |" in out and "predicted (MiB) | measured (MiB)" in out
+    assert "every measured category within 10%" in out
     assert json.loads((tmp_path / "m.json").read_text())["predicted_over_measured"]["gradients"] == pytest.approx(1)
-    bad = subprocess.run([*args, "--measured", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "memory.json" in bad.stderr
+    assert main([*args, "--measured", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--measured" in err[0] and "memory.json" in err[0]
+    assert main([*args, "--world-size", "0"]) == 2
+    assert "--world-size 0: allowed an integer >= 1" in capsys.readouterr().err
 
 
 def small_cfg_overrides() -> list[str]:
