@@ -4,6 +4,7 @@
     megatron-lowp config RECIPE.yaml [section.key=value ...]   # print the resolved recipe
     megatron-lowp train RECIPE.yaml --plan DIR/plan.yaml       # with a precision plan (megatron-lowp probe)
     megatron-lowp probe RECIPE_OR_RUN [overrides] [--steps N] [--bf16-budget F] --out DIR
+    megatron-lowp memory RECIPE.yaml [section.key=value ...] [--measured RUN_DIR]   # the memory ledger
     megatron-lowp tokenizer train --input FILE_OR_GLOB... --vocab-size N --output PATH.model
     megatron-lowp prepare --input FILE_OR_GLOB_OR_HF_NAME... --tokenizer PATH.model --output-prefix PREFIX
 
@@ -237,6 +238,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from pathlib import Path
+
+    from megatron_lowp.memory.report import memory_report
+
+    text, result = memory_report(_load(args), args.world_size, Path(args.measured) if args.measured else None)
+    print(text, end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_lowp import __version__
 
@@ -309,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-different-validation", action="store_true",
                    help="report runs validated on other sequences or with another tokenizer (flagged) instead of refusing")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("memory", help="predict a recipe's memory by category (params, grads, optimizer, saved "
+                       "activations per layer and GEMM role, ...), beside a run's measurement with --measured")
+    p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny/fp8.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.activation_checkpointing=full")
+    p.add_argument("--measured", help="a run directory: its memory.json (what the trainer measured) beside the prediction")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the run will use (fsdp shards over them)")
+    p.add_argument("--json", help="also write the ledger(s) to this JSON file")
+    p.set_defaults(func=cmd_memory)
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     p = tok_sub.add_parser("train", help="train a sentencepiece BPE/unigram tokenizer on a sample of a corpus")

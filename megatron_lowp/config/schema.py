@@ -218,6 +218,13 @@ class TrainConfig:
     nan_policy: str = choice("skip", "skip", "rollback", "stop")
     max_nonfinite_steps: int = bounded(5, ge=1, doc="consecutive non-finite steps tolerated before stopping")
     loss_spike_factor: float = bounded(2.0, gt=1, doc="log an event when a step's loss exceeds this x its running mean")
+    # torch.compile each transformer block (quantized linears included); the first step pays the
+    # compile (logged), graph breaks are counted (train/compile.py, docs/compile.md).
+    compile: bool = False
+    # Per transformer block: full recomputes the whole block in backward (keeps its input only);
+    # selective keeps every linear's saved operands and recomputes the norms, attention core and MLP
+    # gating (model/checkpointing.py). Losses are bit-identical to none.
+    activation_checkpointing: str = choice("none", "none", "full", "selective")
 
 
 @dataclass
@@ -261,6 +268,9 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
+    # memory.json: the memory ledger's prediction next to what the first step measured, by category
+    # (megatron_lowp/memory/), and the peak at the end of the run.
+    memory: bool = True
 
 
 @dataclass

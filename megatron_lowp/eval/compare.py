@@ -18,6 +18,8 @@ from pathlib import Path
 from megatron_lowp.errors import UserError
 from megatron_lowp.eval.plots import ema
 from megatron_lowp.eval.summary import run_summary
+from megatron_lowp.memory.ledger import Ledger, ledger_table
+from megatron_lowp.memory.measure import read_measured
 from megatron_lowp.run.logs import read_jsonl
 
 
@@ -66,8 +68,10 @@ def compare_runs(runs: list[Path], baseline: Path, allow_different_validation: b
     if target is None:
         notes.append(f"the baseline {base['run']} has no validation loss: no gaps or time to target")
     out = []
+    base_memory = read_measured(Path(baseline))
     for path in [baseline, *runs]:
         s = run_summary(path)
+        s["memory"] = _memory_summary(read_measured(Path(path)), base_memory)
         rows = read_jsonl(Path(path) / "metrics.jsonl")
         peaks = [v for r in rows for k, v in r.items() if k.startswith("mem_")]
         s["peak_memory_bytes"] = max(peaks) if peaks else None
@@ -103,6 +107,35 @@ def compare_runs(runs: list[Path], baseline: Path, allow_different_validation: b
     return {"baseline": base["run"], "target_val_loss": target, "runs": out, "notes": notes, "_base_rows": base_rows}
 
 
+def _memory_summary(record: dict | None, base: dict | None) -> dict | None:
+    """The run's measured memory ledger (memory.json), with its linear inputs relative to the baseline's."""
+    if record is None:
+        return None
+    m = record["measured"]
+    summary = {"categories": m["categories"], "total": m["total"], "linear_inputs": m["linear_inputs"],
+               "block_linear_inputs": m["block_linear_inputs"], "_ledger": m}
+    if base is not None and base["measured"]["linear_inputs"]:
+        summary["linear_inputs_vs_baseline"] = m["linear_inputs"] / base["measured"]["linear_inputs"]
+    return summary
+
+
+def memory_markdown(result: dict) -> list[str]:
+    """The runs' measured ledgers side by side (runs without memory.json are left out, named)."""
+    columns = {r["run"]: Ledger.from_dict(r["memory"]["_ledger"]) for r in result["runs"] if r.get("memory")}
+    missing = [r["run"] for r in result["runs"] if not r.get("memory")]
+    if not columns:
+        return []
+    lines = ["", "## Memory (measured on each run's first step, one rank; megatron-lowp memory RECIPE predicts it)",
+             "", ledger_table(columns).rstrip("\n")]
+    ratios = [f"{r['run']} {r['memory']['linear_inputs_vs_baseline']:.2f}x" for r in result["runs"]
+              if r.get("memory") and "linear_inputs_vs_baseline" in r["memory"]]
+    if ratios:
+        lines += ["", f"Linear inputs kept for wgrad, against {result['baseline']}: {', '.join(ratios)}"]
+    if missing:
+        lines += ["", f"No memory.json (logging.memory off, or an older run): {', '.join(missing)}"]
+    return lines
+
+
 def _fmt(v, spec=".4f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -129,6 +162,7 @@ def report_markdown(result: dict) -> str:
             f"{r.get('qaf_start_step', '-')} |")
     if result["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in result["notes"]]]
+    lines += memory_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -179,5 +213,8 @@ def write_comparison(runs: list[Path], baseline: Path, out_dir: Path, allow_diff
     (out_dir / "report.md").write_text(report_markdown(result), encoding="utf-8")
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     public["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in result["runs"]]
+    for r in public["runs"]:
+        if r.get("memory"):
+            r["memory"] = {k: v for k, v in r["memory"].items() if not k.startswith("_")}
     (out_dir / "summary.json").write_text(json.dumps(public, indent=1), encoding="utf-8")
     return public

@@ -9,6 +9,8 @@
 - Every linear comes from `make_linear(in, out, name)`, the precision recipe's factory, and the MLP
   gating (SwiGLU or Smooth-SwiGLU) is named by the recipe too: the model never knows which number
   format it runs in.
+- The parts between the linears (norms, attention core, MLP gating) go through `recompute`, which
+  selective activation checkpointing turns into recomputed regions (model/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
+from megatron_lowp.model.checkpointing import recompute
 from megatron_lowp.model.kv_cache import KVCache, LayerKV, causal_attention
 from megatron_lowp.precision.recipe import LinearFactory
 
@@ -91,10 +94,14 @@ class Attention(nn.Module):
         self.out = make_linear(self.n_heads * self.head_dim, cfg.d_model, f"{prefix}.out")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = rotary_heads(self.qkv(x), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
+        return self.out(recompute(self.core, self.qkv(x), cos, sin, cache))
+
+    def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        """The attention core between the two linears: RoPE, causal attention, heads merged again."""
+        batch, seq, _ = qkv.shape
+        q, k, v = rotary_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
         y = causal_attention(q, k, v, cache, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.out(y.transpose(1, 2).reshape(batch, seq, -1))
+        return y.transpose(1, 2).reshape(batch, seq, -1)
 
 
 class GatedSiLU(nn.Module):
@@ -156,7 +163,7 @@ class SwiGLU(nn.Module):
         self.act = MLP_ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, row_scale, col_scale = self.act(self.gate(x), self.up(x))
+        h, row_scale, col_scale = recompute(self.act, self.gate(x), self.up(x))
         y = self.down(h) if col_scale is None else self.down(h, col_scale=col_scale)
         return y if row_scale is None else y * row_scale
 
@@ -170,8 +177,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, make_linear, f"layers.{index}.mlp", activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        h = x + self.attn(recompute(self.attn_norm, x), cos, sin, cache)
+        return h + self.mlp(recompute(self.mlp_norm, h))
 
 
 class Llama(nn.Module):

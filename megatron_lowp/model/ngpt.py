@@ -32,6 +32,7 @@ from torch import nn
 
 from megatron_lowp.config.schema import ModelConfig
 from megatron_lowp.model import llama
+from megatron_lowp.model.checkpointing import recompute
 from megatron_lowp.model.kv_cache import KVCache, LayerKV, causal_attention
 from megatron_lowp.model.llama import ffn_hidden_size, rope_tables, rope_window, rotary_heads
 from megatron_lowp.precision.recipe import LinearFactory
@@ -79,9 +80,10 @@ class Attention(llama.Attention):
         # s_qk per (query head, head dim), flattened; effective value sqk / base_scale, init 1.
         self.sqk = scalar(self.n_heads * self.head_dim, cfg.init_std)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        batch, seq, _ = h.shape
-        q, k, v = rotary_heads(self.qkv(h), self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
+    def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        """Between the two linears (Llama's forward calls it): RoPE, normalized q/k, attention, FNGPT's N(y)."""
+        batch, seq, _ = qkv.shape
+        q, k, v = rotary_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin)
         # logits = sqrt(d_head) * sum_i s_i^2 N(q)_i N(k)_i: cosine similarity times sqrt(d_head) at
         # init (s = 1). The original nGPT multiplies both N(q) and N(k) by s; Megatron folds s^2 into
         # q only, which is the same function and also works when a key head serves several query
@@ -93,7 +95,7 @@ class Attention(llama.Attention):
         y = y.transpose(1, 2).reshape(batch, seq, -1)
         if self.normalize_out_input:  # FNGPT: unit-norm input of attn.out (not in the original nGPT)
             y = justnorm(y)
-        return self.out(y)
+        return y
 
 
 class MLP(nn.Module):
@@ -117,16 +119,18 @@ class MLP(nn.Module):
         self.down = make_linear(hidden, cfg.d_model, f"{prefix}.down")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u = self.up(h)
+        return self.down(recompute(self.activation, self.up(h), self.gate(h) if self.gated else None))
+
+    def activation(self, u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+        """Between the linears: the scaled (gated) activation, and FNGPT's N(.) of the down input."""
         u = u * (self.su.to(u.dtype) * self.sqrt_d)  # in the GEMM's output dtype, as Megatron
         if self.gated:
-            v = self.gate(h)
             a = F.silu(v * (self.sv.to(v.dtype) * self.sqrt_d)) * u
         else:
             a = F.relu(u).square()
         if self.normalize_down_input:  # FNGPT: unit-norm input of mlp.down (not in the original nGPT)
             a = justnorm(a)
-        return self.down(a)
+        return a
 
 
 class Block(nn.Module):
@@ -147,8 +151,8 @@ class Block(nn.Module):
         return justnorm(h + alpha * (justnorm(y) - h))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        h = self.step(h, self.attn(h, cos, sin, cache), self.attn_alpha)
-        return self.step(h, self.mlp(h), self.mlp_alpha)
+        h = recompute(self.step, h, self.attn(h, cos, sin, cache), self.attn_alpha)
+        return recompute(self.step, h, self.mlp(h), self.mlp_alpha)
 
 
 class NGPT(nn.Module):

@@ -36,17 +36,17 @@ def device_reason(backend: str, x: torch.Tensor) -> str | None:
     if backend == "inductor":
         if x.device.type != "cpu" or not cpu_compile.enabled():
             return "inductor fuses CPU tensors only (and MEGATRON_LOWP_CPU_COMPILE=0 turns it off)"
-        if x.numel() == 0:
-            return "x has no elements"
+        if not 0 < x.numel() < 2**31:  # the SR counters run in int32
+            return "x has no elements, or 2^31 or more"
     return None
 
 
 def _sr_tensor(rounding: str, generator: SRGenerator | None, device: torch.device) -> torch.Tensor | None:
-    """(offset, k0, k1) of the generator as an int64 tensor (a tensor, so that a new offset is no recompile)."""
+    """The generator's offset and seed keys as int32 words (a tensor, so that a new offset is no recompile)."""
     if rounding != "stochastic":
         return None
     gen = default_generator() if generator is None else generator
-    return torch.tensor([gen.offset, *_keys(gen.seed)], dtype=torch.int64, device=device)
+    return torch.tensor(fused_cpu.sr_words(gen.offset, *_keys(gen.seed)), dtype=torch.int32, device=device)
 
 
 def _advance(rounding: str, generator: SRGenerator | None, numel: int) -> None:

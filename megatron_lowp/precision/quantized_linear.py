@@ -17,11 +17,17 @@ differ only in how the products are accumulated.
 
 Stochastic rounding draws from the layer's own SRGenerator, whose (seed, offset) is part of the
 module's state_dict (as `sr_state`), so a resumed run continues the same random stream.
+
+Activation checkpointing: the saved operands go through ctx.save_for_backward (so checkpointing can
+drop them and saved-tensor hooks can measure them, each part tagged with its role), and a forward
+inside a checkpointed region records what it used; its recompute replays that (precision/recompute.py):
+the same SR bits, the same scales, no second amax observation or telemetry count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 
@@ -30,6 +36,7 @@ from torch import nn
 
 from megatron_lowp.numerics import E5M2, QuantizedTensor, SRGenerator
 from megatron_lowp.numerics.stats import quantization_stats
+from megatron_lowp.precision import recompute
 from megatron_lowp.precision.delayed import DelayedScaling, ReduceMax
 from megatron_lowp.precision.spec import ROLE_AXIS, GemmSpecs, QuantSpec
 
@@ -44,11 +51,16 @@ class RoleQuantizer:
     `observing` is True in training forwards (and always in backward): only they feed amaxes to
     delayed scaling, so evaluation never moves the scales. With `stats` (a dict, on telemetry steps)
     every quantization also adds its amax/overflow/underflow counts there, by role; the quantized
-    bits and SR draws are the same either way (fake_quantize == quantize + dequantize)."""
+    bits and SR draws are the same either way (fake_quantize == quantize + dequantize).
+    `scales` holds the delayed scales quantized with, by role: filled as they are used, or, for the
+    replay of a recorded forward (precision/recompute.py), given, and then used instead."""
 
     def __init__(self, specs: GemmSpecs, gen: SRGenerator, delayed: DelayedScaling | None, observing: bool,
-                 stats: dict[str, dict[str, torch.Tensor]] | None = None, tp=None):
+                 stats: dict[str, dict[str, torch.Tensor]] | None = None,
+                 scales: dict[str, torch.Tensor | None] | None = None, tp=None):
         self.specs, self.gen, self.delayed, self.observing, self.stats = specs, gen, delayed, observing, stats
+        self.replaying = scales is not None
+        self.scales = {} if scales is None else scales
         self.tp = tp  # a LinearShard (precision/tp_shard.py) when tensor-parallel: global scales and SR draws
 
     def _record(self, role: str, t: torch.Tensor, qt: QuantizedTensor) -> None:
@@ -60,9 +72,12 @@ class RoleQuantizer:
     def _extra(self, role: str, t: torch.Tensor) -> dict:
         if self.delayed is None or role not in self.delayed.specs:
             return {}
-        if self.observing:
-            self.delayed.observe(role, t)
-        scale = self.delayed.scale(role)
+        if self.replaying:
+            scale = self.scales.get(role)
+        else:
+            if self.observing:
+                self.delayed.observe(role, t)
+            scale = self.scales[role] = self.delayed.scale(role)
         return {} if scale is None else {"scale": scale}
 
     def _args(self, role: str, t: torch.Tensor, spec: QuantSpec) -> tuple[QuantSpec, SRGenerator, dict]:
@@ -99,6 +114,42 @@ class RoleQuantizer:
 
 def _restore(saved, dtype: torch.dtype) -> torch.Tensor:
     return saved.dequantize(dtype) if isinstance(saved, QuantizedTensor) else saved.to(dtype)
+
+
+def _save(ctx, saved: dict[str, torch.Tensor | QuantizedTensor | None]) -> None:
+    """ctx.save_for_backward of backward's operands (a QuantizedTensor as its tensors), each tensor
+    tagged `_lowp_role` (x_t or w_t) for the memory ledger; `_load` rebuilds them in backward."""
+    layout, tensors = [], []
+    for role, s in saved.items():
+        if isinstance(s, QuantizedTensor):
+            parts = [t for t in (s.data, s.scale, s.tensor_scale) if t is not None]
+            layout.append((role, dataclasses.replace(s, data=None, scale=None, tensor_scale=None), len(parts)))
+        else:
+            parts = [] if s is None else [s]
+            layout.append((role, None, len(parts)))
+        for t in parts:
+            t._lowp_role = role
+        tensors += parts
+    ctx.save_for_backward(*tensors)
+    ctx.saved_layout = layout
+
+
+def _load(ctx) -> dict[str, torch.Tensor | QuantizedTensor | None]:
+    tensors, out = list(ctx.saved_tensors), {}
+    for role, qt, n in ctx.saved_layout:
+        parts, tensors = tensors[:n], tensors[n:]
+        if qt is None:
+            out[role] = parts[0] if parts else None
+        else:
+            data, scale, *rest = parts
+            out[role] = dataclasses.replace(qt, data=data, scale=scale, tensor_scale=rest[0] if rest else None)
+    return out
+
+
+def saved_operands(grad_fn) -> dict[str, torch.Tensor | QuantizedTensor | None]:
+    """What a QuantizedLinearFunction node keeps for backward, by role (x_t, w_t), as backward will
+    restore it; a RuntimeError once backward has freed it."""
+    return _load(grad_fn)
 
 
 BACKENDS = ("emulated", "native")
@@ -159,11 +210,12 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 xf = q.fake("x", x2, dtype) if xq is None else xq.dequantize(dtype)
                 wf = q.fake("w", weight, dtype) if wq is None else wq.dequantize(dtype)
                 y = xf @ wf.t()
-            ctx.saved_x = ctx.saved_w = None
+            saved_x = saved_w = None
             if needs_dw:
-                ctx.saved_x = q.shared("x_t", x2, xq) if share_x else q.packed("x_t", x2.detach())
+                saved_x = q.shared("x_t", x2, xq) if share_x else q.packed("x_t", x2.detach())
             if needs_dx:
-                ctx.saved_w = q.shared("w_t", weight, wq) if share_w else q.packed("w_t", weight.detach())
+                saved_w = q.shared("w_t", weight, wq) if share_w else q.packed("w_t", weight.detach())
+        _save(ctx, {"x_t": saved_x, "w_t": saved_w})
         ctx.q, ctx.dtype = q, dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -172,6 +224,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         q = ctx.q
         q.observing = True  # backward runs only in training
+        saved = _load(ctx)
+        ctx.saved_x, ctx.saved_w = saved["x_t"], saved["w_t"]
         dy2 = dy.reshape(-1, dy.shape[-1])
         with torch.autocast(dy.device.type, enabled=False):
             dx = None if ctx.saved_w is None else _dgrad(ctx, q, dy2).reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -219,6 +273,10 @@ def set_sr_rank(model: nn.Module, rank: int) -> None:
 class QuantizedLinear(nn.Module):
     """Bias-free linear whose three GEMMs follow `specs`; a drop-in for nn.Linear(bias=False)."""
 
+    # A compiled block runs it as one opaque call: traced, every quantization's host sync is a graph
+    # break and dynamo recompiles the rest per operand shape (train/compile.py has the numbers).
+    compile_opaque = True
+
     def __init__(self, in_features: int, out_features: int, specs: GemmSpecs, name: str = "", seed: int = 0,
                  backend: str = "emulated"):
         super().__init__()
@@ -242,11 +300,34 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T, or x (W diag(col_scale))^T: the column scale is folded in before W is quantized."""
+        region = recompute.current()
+        if region is not None and region[1] == "replay":
+            return self._replay(x, col_scale, region[0].replay(self))
         observing = self.training and torch.is_grad_enabled()
-        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats, self.tp)
+        q = RoleQuantizer(self.specs, self.sr, self.delayed, observing, self.stats, tp=self.tp)
+        start = self.sr.offset
+        y = QuantizedLinearFunction.apply(x, self._local_weight(col_scale), q, self.backend, torch.is_grad_enabled())
+        if region is not None:  # a checkpointed forward: its recompute will replay this call
+            region[0].record(self, recompute.Call(start, self.sr.offset, dict(q.scales), self.specs))
+        return y
+
+    def _local_weight(self, col_scale: torch.Tensor | None) -> torch.Tensor:
+        """The weight this rank multiplies (its tensor-parallel shard), with per-channel Smooth-SwiGLU folded in."""
         weight = self.weight if self.tp is None else self.tp.local_weight(self.weight)
-        weight = weight if col_scale is None else weight * col_scale
-        return QuantizedLinearFunction.apply(x, weight, q, self.backend, torch.is_grad_enabled())
+        return weight if col_scale is None else weight * col_scale
+
+    def _replay(self, x: torch.Tensor, col_scale: torch.Tensor | None, call: recompute.Call) -> torch.Tensor:
+        """The recompute of a recorded forward: the same SR draws and scales; nothing observed or counted."""
+        resume, self.sr.offset = self.sr.offset, call.sr_start
+        try:
+            q = RoleQuantizer(call.specs, self.sr, self.delayed, observing=False, scales=call.scales, tp=self.tp)
+            y = QuantizedLinearFunction.apply(x, self._local_weight(col_scale), q, self.backend, torch.is_grad_enabled())
+            if self.sr.offset != call.sr_end:
+                raise RuntimeError(f"{self.name}: the recompute drew {self.sr.offset - call.sr_start} SR uniforms, the "
+                                   f"forward {call.sr_end - call.sr_start}: the recomputed operands would differ")
+        finally:
+            self.sr.offset = resume
+        return y
 
     def commit_amax(self, reduce_max: ReduceMax | None = None) -> None:
         """End of an optimizer step: this step's amaxes enter the delayed-scaling histories."""

@@ -6,6 +6,8 @@ resume is exact), gradients accumulated over micro-batches in the recipe's forwa
 step, the recipe's after-step hook. The loop knows no precision: everything a recipe does around
 the steps (QAF, monitors, telemetry, delayed scales) comes through the hooks of
 precision/recipe.py. Faults (non-finite steps, loss spikes, hung ranks, SIGTERM) are train/faults.py.
+Blocks may be compiled (train/compile.py) and checkpointed (model/checkpointing.py); the first step
+is measured for the memory ledger (memory/measure.py: memory.json).
 Host syncs (`.item()`) happen once per step (the non-finite check) and on logging, evaluation and
 checkpoint steps.
 """
@@ -24,7 +26,9 @@ from megatron_lowp.config import Config, config_to_dict
 from megatron_lowp.data import Tokenizer, build_train_stream, build_validation_set, sequence_losses
 from megatron_lowp.device import Device, get_device, set_cpu_threads
 from megatron_lowp.errors import Preempted, UserError
+from megatron_lowp.memory.measure import MemoryWatch
 from megatron_lowp.model import build_model, cross_entropy_loss
+from megatron_lowp.model.checkpointing import apply_activation_checkpointing
 from megatron_lowp.optim import build_optimizer, lr_at, schedule_warnings
 from megatron_lowp.parallel import build_engine, dist, engine_class
 from megatron_lowp.parallel.dist import env_info, init_distributed
@@ -33,6 +37,7 @@ from megatron_lowp.run.atomic import write_json_atomic
 from megatron_lowp.run.checkpoint import CheckpointManager, meta_value
 from megatron_lowp.run.logs import JsonlLog, NullLog, encode_row
 from megatron_lowp.run.run_dir import VALIDATION_JSON, checkpoint_to_resume, write_config
+from megatron_lowp.train.compile import compile_blocks
 from megatron_lowp.train.faults import (
     Heartbeats,
     LossSpikes,
@@ -89,6 +94,8 @@ class Trainer:
         self.device.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, self.recipe).to(self.device.torch_device)
         self.recipe.attach(model, self.dist.dp_rank)  # SR streams per data-parallel rank
+        self.compile_watch = compile_blocks(model) if t.compile else None  # before checkpointing wraps the blocks
+        apply_activation_checkpointing(model, t.activation_checkpointing)
         engine_name = cfg.parallel.engine
         if cfg.parallel.tp > 1:  # the plain module's gradients are this rank's shards
             capabilities = replace(capabilities, plain_module_gradients=False)
@@ -102,6 +109,10 @@ class Trainer:
         # Only now, with every user setting checked, does anything get written.
         self.run_dir = prepare_run_dir_on_main(cfg, self.main)
         self.checkpoints = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
+        self.memory = MemoryWatch(self.model, self.optimizer, self.device, self.run_dir,
+                                  enabled=cfg.logging.memory and self.main,
+                                  meta={"device": self.device.capabilities.name, "world_size": self.dist.world_size})
+        self._first_step_fields: dict = {}  # e.g. the compile time, for the next metrics row
         self.heartbeats = Heartbeats(self.run_dir, self.dist.rank, self.dist.world_size)
         self.step = 0
         self.consumed_samples = 0
@@ -208,11 +219,13 @@ class Trainer:
         total = torch.zeros((), device=self.device.torch_device)
         for i, micro in enumerate(micro_batches):
             with self.engine.accumulating(last=i == len(micro_batches) - 1):
-                loss = self._loss(micro) / len(micro_batches)
+                with self.memory.saved_tensors(self.step, i):
+                    loss = self._loss(micro) / len(micro_batches)
                 self.engine.backward(loss)
             self.device.mark_step()
             total += loss.detach()
         self.recipe.after_backward(self.step)
+        self.memory.after_backward(self.step)
         grad_norm = self.engine.clip_grad_norm(t.grad_clip)
         # One host sync per step: a NaN/Inf must be caught before the optimizer applies it.
         loss_now, norm_now = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
@@ -225,6 +238,7 @@ class Trainer:
             self.events.append(spike)
             self.notes.append(f"step {self.step}: loss spike {loss_now:.4f} (running mean {spike['running_mean']:.4f})")
         self.engine.step()
+        self.memory.after_step(self.step)
         self.model.after_optimizer_step()  # e.g. nGPT puts its weights back on the unit sphere
         self.recipe.after_optimizer_step(self._reduce_max())  # e.g. delayed FP8 scales, from the amax over all ranks
         self.device.mark_step()
@@ -284,7 +298,13 @@ class Trainer:
         self.stop_signals.install()
         try:
             while self.step < last:
+                step_start = time.perf_counter()
                 loss, grad_norm = self.train_step()
+                if self.compile_watch is not None and not self.compile_watch.reported:
+                    note, event = self.compile_watch.first_step(self.step, time.perf_counter() - step_start)
+                    self.notes.append(note)
+                    self.events.append(event)
+                    self._first_step_fields["compile_s"] = event["first_step_s"]
                 window_tokens += t.global_batch_size * t.seq_len
                 progress.update()
                 rows, recipe_notes = self.recipe.drain()
@@ -317,7 +337,9 @@ class Trainer:
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "elapsed_s": train_seconds_before + now - run_start,
                         **self.recipe.log_fields(),  # what the recipe reports, e.g. its QAF phase
+                        **self._first_step_fields,
                     }
+                    self._first_step_fields = {}
                     if not math.isfinite(loss_value):
                         progress.note(f"warning: non-finite loss {loss_value} at step {self.step}")
                     if do_eval:
@@ -338,6 +360,7 @@ class Trainer:
                                     f"{ckpt}; run the same command to resume")
         finally:
             self.stop_signals.uninstall()
+            self.memory.finish()
             progress.close()
             metrics.close()
             events.close()

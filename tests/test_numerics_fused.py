@@ -1,0 +1,224 @@
+"""The CPU's fused quantizers (backend="inductor", numerics/fused_cpu.py) give the torch reference's bits.
+
+Every compiled graph is compared with backend="torch" on data that reaches the edges: float32 values
+from 2^-24 to 2^24 (FP8 subnormals, saturation), zeros and -0, NVFP4 blocks that are all zero, hold
+one outlier, or sit 2^-20 below the tensor amax (E4M3 subnormal and zero block scales), both roundings,
+SR counters that cross 2^32, and the generator's position afterwards. Each configuration is its own
+compiled graph (a few seconds of compiling each), so the cases are chosen to cover every static
+switch of the graphs once rather than their product.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lowp.errors import UserError
+from megatron_lowp.numerics import SRGenerator, fake_quantize, quantize
+from megatron_lowp.numerics import cpu_compile, fused_cpu
+from megatron_lowp.numerics.formats import TORCH_DTYPES
+
+pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_same_qt(a, b) -> None:
+    assert (a.fmt, a.shape, a.axis, a.dtype, a.options) == (b.fmt, b.shape, b.axis, b.dtype, b.options)
+    assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+    assert torch.equal(bits(a.data), bits(b.data))
+    assert a.scale.dtype == b.scale.dtype and a.scale.shape == b.scale.shape
+    assert torch.equal(bits(a.scale), bits(b.scale))
+    assert (a.tensor_scale is None) == (b.tensor_scale is None)
+    if a.tensor_scale is not None:
+        assert torch.equal(bits(a.tensor_scale), bits(b.tensor_scale))
+
+
+def both(call, x, fmt, rounding, gen_state=(7, 2**32 - 300), **kwargs):
+    """call(x, fmt, ...) on the reference and on inductor, from equal generators; returns both results."""
+    g_ref, g_fused = SRGenerator(*gen_state), SRGenerator(*gen_state)
+    ref = call(x, fmt, rounding=rounding, generator=g_ref, backend="torch", **kwargs)
+    got = call(x, fmt, rounding=rounding, generator=g_fused, backend="inductor", **kwargs)
+    assert g_fused.state_dict() == g_ref.state_dict()  # the same number of SR counters consumed
+    return ref, got
+
+
+def assert_both_paths_match(x, fmt, rounding, **kwargs) -> None:
+    ref, got = both(quantize, x, fmt, rounding, **kwargs)
+    assert_same_qt(got, ref)
+    ref, got = both(fake_quantize, x, fmt, rounding, **kwargs)
+    assert got.dtype == ref.dtype == x.dtype and torch.equal(bits(got), bits(ref))
+
+
+def wide(shape, seed: int) -> torch.Tensor:
+    """randn times 2^k, k uniform in [-24, 24]; every 17th value 0, the next-but-4 -0."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.Size(shape).numel()
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-24, 25, (n,), generator=g).float())
+    x[::17] = 0.0
+    x[5::17] = -0.0
+    return x.reshape(shape)
+
+
+# ---------------- FP8, per-tensor ----------------
+
+
+@pytest.mark.parametrize("fmt,flavour", [("fp8_e4m3", "ocp"), ("fp8_e4m3", "gaudi2"), ("fp8_e5m2", None)])
+def test_fp8_every_code_midpoint_and_neighbour(fmt, flavour):
+    """The exhaustive table: every finite code, every midpoint (ties to even) and one float32 ulp either
+    side of it, with scale 1; nearest and stochastic."""
+    elem_dtype = torch.float8_e5m2 if fmt == "fp8_e5m2" else torch.float8_e4m3fn
+    codes = torch.arange(256, dtype=torch.uint8).view(elem_dtype).float()
+    top = 240.0 if flavour == "gaudi2" else torch.finfo(elem_dtype).max
+    v = torch.unique(codes[torch.isfinite(codes) & (codes.abs() <= top)])
+    mids = (v[1:] + v[:-1]) / 2
+    x = torch.cat([v, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), v * 1.0001, -v * 3])
+    opts = {"scale": 1.0} | ({} if flavour is None else {"flavour": flavour})
+    for rounding in ("nearest", "stochastic"):
+        ref, got = both(quantize, x, fmt, rounding, **opts)
+        assert_same_qt(got, ref)
+    assert (bits(ref.data) & 0x7F).unique().numel() > 100  # the table really covers the codes
+
+
+@pytest.mark.parametrize("fmt,rounding,power_of_two,dtype", [
+    ("fp8_e4m3", "nearest", False, torch.float32),
+    ("fp8_e4m3", "stochastic", True, torch.float32),
+    ("fp8_e5m2", "stochastic", False, torch.bfloat16),
+    ("fp8_e5m2", "nearest", True, torch.float32),
+])
+def test_fp8_current_scaling_on_wide_data(fmt, rounding, power_of_two, dtype):
+    x = wide((61, 96), seed=1).to(dtype)
+    assert_both_paths_match(x, fmt, rounding, power_of_two=power_of_two)
+    assert_both_paths_match(wide((3, 5, 64), seed=2).to(dtype), fmt, rounding, power_of_two=power_of_two)
+
+
+def test_fp8_given_scale_saturates_like_the_reference():
+    x = wide((40, 64), seed=3)  # up to ~2^26: far past 448 at scale 1.5
+    assert_both_paths_match(x, "fp8_e4m3", "nearest", scale=torch.tensor(1.5))
+    q = quantize(x, "fp8_e4m3", scale=1.5, backend="inductor")
+    assert (bits(q.data) & 0x7F == 0x7E).any() and ((bits(q.data) & 0x7F).clamp(1, 8) < 8).any()
+
+
+def test_fp8_power_of_two_scale_from_tiny_and_huge_amaxes():
+    """The power of two is read from float32 bits: amaxes at binade edges, subnormal, and 2^127-ish."""
+    for a in (1.75, 1.7500001, 3e-39, 1e-30, 2.0**100, 448.0, 0.0):
+        x = torch.zeros(2, 32)
+        x[1, 7] = a
+        x[0, 3] = -a / 3
+        assert_both_paths_match(x, "fp8_e4m3", "stochastic", power_of_two=True)
+
+
+# ---------------- NVFP4 ----------------
+
+
+def nvfp4_data(shape, seed: int) -> torch.Tensor:
+    """Blocks of 16 along the last axis at scales 2^-26 .. 2^0 of the outlier (E4M3 block scales down to
+    subnormal and zero), one all-zero block, -0s and one outlier 64 that sets the tensor amax."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    flat = x.view(-1, 16)
+    flat *= torch.exp2(torch.randint(-26, 1, (flat.shape[0], 1), generator=g).float())
+    flat[1] = 0.0
+    flat[2, 3] = 64.0
+    flat[3, :8] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_along_either_axis(axis, rounding):
+    x = nvfp4_data((48, 64), seed=4)
+    assert_both_paths_match(x, "nvfp4", rounding, axis=axis)
+
+
+def test_nvfp4_tiles_fixed_and_off_tensor_scales_and_other_blocks():
+    x = nvfp4_data((32, 48), seed=5)
+    for axis in (-1, 0):  # 16 x 16 tiles, whichever axis the blocks run along
+        assert_both_paths_match(x, "nvfp4", "nearest", axis=axis, tile=True)
+    assert_both_paths_match(x, "nvfp4", "stochastic", tensor_scale="fixed", tensor_amax=3.0)
+    assert_both_paths_match(x / 64, "nvfp4", "nearest", tensor_scale="off")
+    assert_both_paths_match(x.to(torch.bfloat16), "nvfp4", "nearest", block_size=32)
+    assert_both_paths_match(nvfp4_data((2, 32, 3), seed=6), "nvfp4", "stochastic", axis=1)
+    z = torch.zeros(16, 32)
+    assert_both_paths_match(z, "nvfp4", "nearest")  # amax 0: S = 1, every block scale 0
+
+
+def test_nvfp4_block_scales_at_e4m3_midpoints():
+    """Block maxima whose (blockmax / 6) * S lands within a few float32 ulps of an E4M3 midpoint, where
+    another operation order would round the block scale the other way."""
+    from megatron_lowp.numerics import E4M3, round_to_format
+
+    v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().abs()
+    v = torch.unique(v[torch.isfinite(v) & (v <= 448)])
+    S = torch.tensor(2688 / 3.0)
+    b0 = (v[1:] + v[:-1]) / 2 * 6 / S
+    cand = torch.cat([b0 * (1 + k * torch.finfo(torch.float32).eps) for k in range(-6, 7)])
+    bmax = cand[round_to_format((cand / 6.0) * S, E4M3) != round_to_format(cand * (S / 6.0), E4M3)]
+    assert bmax.numel() > 10
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(bmax.numel(), 16, generator=g) * 2 - 1) * bmax[:, None]
+    x[torch.arange(bmax.numel()), torch.randint(0, 16, (bmax.numel(),), generator=g)] = bmax
+    ref, got = both(quantize, x, "nvfp4", "nearest", tensor_scale="fixed", tensor_amax=3.0)
+    assert_same_qt(got, ref)
+
+
+# ---------------- the SR stream, dispatch, errors ----------------
+
+
+def test_sr_stream_continues_across_calls_and_backends():
+    x1, x2 = nvfp4_data((4, 32), seed=1), nvfp4_data((2, 48), seed=2)
+    for fmt in ("fp8_e4m3", "nvfp4"):
+        g_ref, g_mix = SRGenerator(2**40 + 3, 17), SRGenerator(2**40 + 3, 17)
+        r1 = quantize(x1, fmt, rounding="stochastic", generator=g_ref, backend="torch")
+        r2 = quantize(x2, fmt, rounding="stochastic", generator=g_ref, backend="torch")
+        assert_same_qt(quantize(x1, fmt, rounding="stochastic", generator=g_mix, backend="inductor"), r1)
+        assert_same_qt(quantize(x2, fmt, rounding="stochastic", generator=g_mix, backend="torch"), r2)
+        assert g_mix.state_dict() == g_ref.state_dict() == {"seed": 2**40 + 3, "offset": 17 + x1.numel() + x2.numel()}
+
+
+def test_auto_uses_inductor_for_large_cpu_tensors_only(monkeypatch):
+    calls = []
+    real = fused_cpu._run
+    monkeypatch.setattr(fused_cpu, "_run", lambda *a: calls.append(a[0].__name__) or real(*a))
+    small = torch.randn(16, 32)
+    large = torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64)
+    fake_quantize(small, "nvfp4")
+    assert calls == []
+    fake_quantize(large, "nvfp4")
+    quantize(large, "fp8_e4m3")
+    assert calls == ["_nvfp4_graph", "_fp8_graph"]
+    for fmt, opts in [("fp8_e4m3", {"scaling": "channel"}), ("nvfp4", {"scale_rounding": "encode"}), ("mxfp4", {})]:
+        quantize(large, fmt, **opts)  # not covered: the reference serves them
+        with pytest.raises(UserError, match=f"backend='inductor' cannot run this {fmt} call"):
+            quantize(large, fmt, backend="inductor", **opts)
+    assert calls == ["_nvfp4_graph", "_fp8_graph"]
+    monkeypatch.setenv("MEGATRON_LOWP_CPU_COMPILE", "0")
+    fake_quantize(large, "nvfp4")
+    assert calls == ["_nvfp4_graph", "_fp8_graph"]
+    with pytest.raises(UserError, match="MEGATRON_LOWP_CPU_COMPILE=0"):
+        fake_quantize(large, "nvfp4", backend="inductor")
+
+
+def test_nan_and_inf_raise_without_consuming_the_stream():
+    for bad in (float("nan"), float("inf")):
+        x = torch.ones(4, 32)
+        x[2, 5] = bad
+        for fmt in ("fp8_e5m2", "nvfp4"):
+            g = SRGenerator(1)
+            with pytest.raises(UserError, match="NaN or Inf"):
+                fake_quantize(x, fmt, rounding="stochastic", generator=g, backend="inductor")
+            assert g.offset == 0
+    with pytest.raises(UserError, match="block size 16 does not divide dimension 0"):
+        quantize(torch.randn(24, 32), "nvfp4", axis=0, backend="inductor")
+    with pytest.raises(UserError, match="tile=True needs the other dimension"):
+        quantize(torch.randn(8, 32), "nvfp4", tile=True, backend="inductor")
+
+
+def test_fp8_codes_are_torch_float8_bytes():
+    x = wide((8, 64), seed=9)
+    q = quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor")
+    assert q.data.dtype == TORCH_DTYPES["e5m2"]
+    assert torch.equal(q.dequantize(), fake_quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor"))
