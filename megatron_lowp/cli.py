@@ -29,7 +29,7 @@ def _load(args):
     from megatron_lowp.precision import available_recipes
 
     return load_config(args.recipe, args.overrides, extra_choices={"precision.recipe": available_recipes()},
-                       plan=args.plan)
+                       plan=getattr(args, "plan", None))  # memory has no --plan
 
 
 def cmd_train(args) -> int:
