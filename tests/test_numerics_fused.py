@@ -15,7 +15,7 @@ import torch
 
 from megatron_lowp.errors import UserError
 from megatron_lowp.numerics import SRGenerator, fake_quantize, quantize
-from megatron_lowp.numerics import cpu_compile, fused_cpu
+from megatron_lowp.numerics import cpu_compile, fused_cpu, fused_dispatch
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
@@ -222,3 +222,50 @@ def test_fp8_codes_are_torch_float8_bytes():
     q = quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor")
     assert q.data.dtype == TORCH_DTYPES["e5m2"]
     assert torch.equal(q.dequantize(), fake_quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor"))
+
+
+# ---------------- dequantize ----------------
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, NaNs anywhere in the same places (their payloads are not compared)."""
+    nan = torch.isnan(a)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(nan, torch.isnan(b)) and torch.equal(
+        bits(a[~nan]), bits(b[~nan]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_dequantize_every_code(dtype):
+    """All 256 bytes (NaN, inf, subnormals and -0 included) under a power-of-two and an odd scale."""
+    from megatron_lowp.numerics import QuantizedTensor
+
+    data = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    fmt = "fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2"
+    for scale in (0.5, 3.7):
+        qt = QuantizedTensor(fmt, data, torch.tensor(scale), None, data.shape, 1, torch.float32, {})
+        ref, got = qt.dequantize(torch.float32, backend="torch"), qt.dequantize(torch.float32, backend="inductor")
+        assert same_values(got, ref) and torch.isnan(ref).any()
+
+
+@pytest.mark.parametrize("fmt,axis", [("fp8_e5m2", 0), ("nvfp4", 0), ("nvfp4", -1)])
+def test_dequantize_of_quantized_data_in_bf16(fmt, axis):
+    """What backward restores: packed x_t / w_t back in the compute dtype, blocks along either axis."""
+    x = nvfp4_data((48, 64), seed=11) if fmt == "nvfp4" else wide((48, 64), seed=11)
+    qt = quantize(x, fmt, axis=axis, backend="torch")
+    ref, got = qt.dequantize(torch.bfloat16, backend="torch"), qt.dequantize(torch.bfloat16, backend="inductor")
+    assert same_values(got, ref)
+    x3 = nvfp4_data((2, 32, 3), seed=12)  # a middle block axis: pre and post both > 1
+    qt = quantize(x3, "nvfp4", axis=1, backend="torch")
+    assert same_values(qt.dequantize(torch.bfloat16, backend="inductor"), qt.dequantize(torch.bfloat16, backend="torch"))
+
+
+def test_dequantize_backend_choice():
+    big = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "nvfp4")
+    assert fused_dispatch.dequantize_backend(big, "auto") == "inductor"
+    small = quantize(torch.randn(16, 32), "nvfp4")
+    assert fused_dispatch.dequantize_backend(small, "auto") == "torch"
+    channel = quantize(torch.randn(16, 32), "fp8_e4m3", scaling="channel")
+    with pytest.raises(UserError, match="cannot dequantize this fp8_e4m3 tensor: only a per-tensor"):
+        channel.dequantize(backend="inductor")
+    with pytest.raises(UserError, match="backend: 'cuda' is not one of"):
+        big.dequantize(backend="cuda")

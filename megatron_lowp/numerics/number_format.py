@@ -58,7 +58,13 @@ class QuantizedTensor:
 
         return format_named(self.fmt)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+        """The values in `dtype`; backend "torch" (the reference), "inductor" (one compiled pass on the
+        CPU, fused_cpu.py), or "auto": inductor where it covers this tensor and it is large enough."""
+        from megatron_lowp.numerics import fused_dispatch  # it imports this module
+
+        if fused_dispatch.dequantize_backend(self, backend) == "inductor":
+            return fused_dispatch.dequantize(self, dtype)
         return self.format.dequantize(self, dtype)
 
 
