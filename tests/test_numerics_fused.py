@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import SRGenerator, fake_quantize, quantize
-from megatron_lowp.numerics import cpu_compile, fused_cpu, fused_dispatch
+from megatron_lowp.numerics import SRGenerator, cpu_compile, fake_quantize, fused_cpu, fused_dispatch, quantize
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
