@@ -13,7 +13,8 @@ bytes read (the BF16 input) plus bytes written (FP8 codes, or packed E2M1 codes 
 The operand table times each quantizer at the shapes of GEMM operands (--shapes, --dtype), on the
 torch reference and on the fused path ``backend="auto"`` picks (inductor on the CPU, Triton on CUDA),
 as a share of a copy of the same tensor timed in the same loop: fake_quantize (read x, write x's dtype;
-what emulated GEMMs consume) and quantize (read x, write the packed codes and scales). --profile
+what emulated GEMMs consume), quantize (read x, write the packed codes and scales) and dequantize (read
+the packed form, write x's dtype: what backward does with a saved operand; auto = inductor on the CPU). --profile
 prints torch.profiler's operator table for one NVFP4 and one FP8 fake_quantize, reference and fused.
 Timings are medians over --repeats (the best repeat is kept too: on a shared machine it is the one
 least disturbed).
@@ -86,6 +87,12 @@ def bench_operands(device, shapes: list[tuple[int, int]], dtype: torch.dtype, re
                         med, best = timed_pair(lambda x=x, c=call, f=fmt, r=rounding, b=backend, g=gen:
                                                c(x, f, rounding=r, generator=g, backend=b), device, repeats)
                         rows.append({"shape": size, "op": op, "fmt": fmt, "rounding": rounding, "backend": backend,
+                                     "seconds": med, "best_seconds": best, "pct_of_copy": 100 * copy_med / med,
+                                     "best_pct_of_copy": 100 * copy_best / best})
+                    if rounding == "nearest":  # what backward does with a saved operand: back to x's dtype
+                        qt = quantize(x, fmt, backend="torch")
+                        med, best = timed_pair(lambda qt=qt, b=backend: qt.dequantize(dtype, backend=b), device, repeats)
+                        rows.append({"shape": size, "op": "dequantize", "fmt": fmt, "rounding": "-", "backend": backend,
                                      "seconds": med, "best_seconds": best, "pct_of_copy": 100 * copy_med / med,
                                      "best_pct_of_copy": 100 * copy_best / best})
     return rows
@@ -207,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="operand dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave it)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables at 4096x704")
+    parser.add_argument("--only-operands", action="store_true",
+                        help="the per-operand table only (skip the all-format quantizer table and the linears)")
     parser.add_argument("--out", default="bench/bench_numerics.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -233,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         print_table(operands, ["shape", "op", "fmt", "rounding", "backend", "seconds", "pct_of_copy", "best_pct_of_copy"])
         print()
 
+    if args.only_operands:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": device.capabilities.name, "torch": torch.__version__,
+                                              "threads": torch.get_num_threads(), "operands": operands,
+                                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     quant = bench_quantizers(device, elements, torch.bfloat16, args.repeats)
     print_table(quant, ["op", "rounding", "seconds", "elements_per_s", "GB_per_s", "vs_copy"])
     print()

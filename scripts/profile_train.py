@@ -5,8 +5,10 @@ named parts of the library (CPU op self time, plus the Python time inside each n
         --steps 2 [--out bench/profile] [--top 15] [override ...]
 
 The library is not changed: this process wraps a few functions in `record_function` ranges
-(quantization per GEMM role, SR uniforms, attention, the optimizer step, the recipe's hooks, the
-quantized linear's forward, dgrad and wgrad). Each op's self time goes to the innermost range around it;
+(quantization per GEMM role, dequantization of saved operands, delayed scaling's amax observations,
+SR uniforms, attention, the optimizer step, the recipe's hooks, the quantized linear's forward, dgrad
+and wgrad). Use --warmup 3 or more for delayed-scaling recipes (fp8): their second step is the first
+with given scales, which compiles the fused quantizers' given-scale graphs. Each op's self time goes to the innermost range around it;
 time outside every range is split by op name (GEMMs, other ops); "python" is the wall time no op
 or range accounts for (the interpreter between ops). Prints one table per recipe and the top ops by
 self time; writes profile_train.json and profile_train.md into --out.
@@ -25,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
@@ -45,14 +46,19 @@ def _ranged(fn, name_of):
 
 def annotate_library() -> None:
     """Wrap the library's parts in named ranges (in this process only)."""
+    from megatron_lowp.numerics import QuantizedTensor
     from megatron_lowp.numerics.sr_random import SRGenerator
     from megatron_lowp.precision import quantized_linear as ql
+    from megatron_lowp.precision.delayed import DelayedScaling
     from megatron_lowp.precision.lifecycle import QuantizedLifecycle
 
     rq = ql.RoleQuantizer
     rq.fake = _ranged(rq.fake, lambda self, role, *a, **k: f"quantize.{role}")
     rq.packed = _ranged(rq.packed, lambda self, role, *a, **k: f"quantize.{role}")
     rq._record = _ranged(rq._record, lambda *a, **k: "telemetry")
+    # backward restoring a saved operand (x_t, w_t) to the compute dtype, and delayed scaling's amax reads
+    QuantizedTensor.dequantize = _ranged(QuantizedTensor.dequantize, lambda self, *a, **k: f"dequantize.{self.fmt}")
+    DelayedScaling.observe = _ranged(DelayedScaling.observe, lambda *a, **k: "amax_observe")
     SRGenerator.uniform = _ranged(SRGenerator.uniform, lambda *a, **k: "sr_uniform")
     F.scaled_dot_product_attention = _ranged(F.scaled_dot_product_attention, lambda *a, **k: "attention")
     ql._dgrad = _ranged(ql._dgrad, lambda *a, **k: "qlinear.dgrad")

@@ -192,3 +192,16 @@ def test_numerics_imports_nothing_above_it_and_names_no_device():
             if "megatron_lowp" in line and ("import" in line):  # numerics may only look down the house
                 allowed = ("megatron_lowp.errors", "megatron_lowp.numerics", "megatron_lowp.device")
                 assert any(a in line for a in allowed), f"{f.name}: {line}"
+
+
+def test_tensor_amax_is_max_abs_bit_for_bit():
+    """scaling.amax (one aminmax pass) equals |x|.amax() in float32: signed zeros, NaN, inf, bf16."""
+    from megatron_lowp.numerics.scaling import amax
+
+    cases = [torch.tensor([0.0, -0.0]), torch.tensor([-0.0]), torch.tensor([1.0, float("nan"), -3.0]),
+             torch.tensor([-float("inf"), 2.0]), torch.tensor([-5.0, 2.0]).bfloat16(), torch.tensor(3.0),
+             torch.randn(7, 33) * 1e-30]
+    for x in cases:
+        ref, got = x.abs().to(torch.float32).amax(), amax(x)
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert torch.equal(ref.view(torch.int32), got.view(torch.int32)) or (ref.isnan() and got.isnan())

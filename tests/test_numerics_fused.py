@@ -5,7 +5,8 @@ from 2^-24 to 2^24 (FP8 subnormals, saturation), zeros and -0, NVFP4 blocks that
 one outlier, or sit 2^-20 below the tensor amax (E4M3 subnormal and zero block scales), both roundings,
 SR counters that cross 2^32, and the generator's position afterwards. Each configuration is its own
 compiled graph (a few seconds of compiling each), so the cases are chosen to cover every static
-switch of the graphs once rather than their product.
+switch of the graphs once rather than their product; the default run keeps one case per graph
+family, `-m slow` runs them all.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import SRGenerator, fake_quantize, quantize
-from megatron_lowp.numerics import cpu_compile, fused_cpu
+from megatron_lowp.numerics import SRGenerator, cpu_compile, fake_quantize, fused_cpu, fused_dispatch, quantize
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
+
+
+def SLOW(*values):  # noqa: N802 (reads as a marker in the parameter lists)
+    """A parameter set marked slow: every configuration compiles graphs of its own (seconds each on
+    two cores), so the default suite keeps one case per graph family and `-m slow` runs the rest."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +72,7 @@ def wide(shape, seed: int) -> torch.Tensor:
 # ---------------- FP8, per-tensor ----------------
 
 
-@pytest.mark.parametrize("fmt,flavour", [("fp8_e4m3", "ocp"), ("fp8_e4m3", "gaudi2"), ("fp8_e5m2", None)])
+@pytest.mark.parametrize("fmt,flavour", [("fp8_e4m3", "ocp"), SLOW("fp8_e4m3", "gaudi2"), SLOW("fp8_e5m2", None)])
 def test_fp8_every_code_midpoint_and_neighbour(fmt, flavour):
     """The exhaustive table: every finite code, every midpoint (ties to even) and one float32 ulp either
     side of it, with scale 1; nearest and stochastic."""
@@ -84,10 +90,10 @@ def test_fp8_every_code_midpoint_and_neighbour(fmt, flavour):
 
 
 @pytest.mark.parametrize("fmt,rounding,power_of_two,dtype", [
-    ("fp8_e4m3", "nearest", False, torch.float32),
+    SLOW("fp8_e4m3", "nearest", False, torch.float32),
     ("fp8_e4m3", "stochastic", True, torch.float32),
-    ("fp8_e5m2", "stochastic", False, torch.bfloat16),
-    ("fp8_e5m2", "nearest", True, torch.float32),
+    SLOW("fp8_e5m2", "stochastic", False, torch.bfloat16),
+    SLOW("fp8_e5m2", "nearest", True, torch.float32),
 ])
 def test_fp8_current_scaling_on_wide_data(fmt, rounding, power_of_two, dtype):
     x = wide((61, 96), seed=1).to(dtype)
@@ -95,6 +101,7 @@ def test_fp8_current_scaling_on_wide_data(fmt, rounding, power_of_two, dtype):
     assert_both_paths_match(wide((3, 5, 64), seed=2).to(dtype), fmt, rounding, power_of_two=power_of_two)
 
 
+@pytest.mark.slow
 def test_fp8_given_scale_saturates_like_the_reference():
     x = wide((40, 64), seed=3)  # up to ~2^26: far past 448 at scale 1.5
     assert_both_paths_match(x, "fp8_e4m3", "nearest", scale=torch.tensor(1.5))
@@ -102,6 +109,7 @@ def test_fp8_given_scale_saturates_like_the_reference():
     assert (bits(q.data) & 0x7F == 0x7E).any() and ((bits(q.data) & 0x7F).clamp(1, 8) < 8).any()
 
 
+@pytest.mark.slow
 def test_fp8_power_of_two_scale_from_tiny_and_huge_amaxes():
     """The power of two is read from float32 bits: amaxes at binade edges, subnormal, and 2^127-ish."""
     for a in (1.75, 1.7500001, 3e-39, 1e-30, 2.0**100, 448.0, 0.0):
@@ -127,13 +135,14 @@ def nvfp4_data(shape, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("axis", [-1, 0])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_nvfp4_along_either_axis(axis, rounding):
+@pytest.mark.parametrize("rounding,axis", [("stochastic", 0), SLOW("stochastic", -1), SLOW("nearest", 0),
+                                           SLOW("nearest", -1)])
+def test_nvfp4_along_either_axis(rounding, axis):
     x = nvfp4_data((48, 64), seed=4)
     assert_both_paths_match(x, "nvfp4", rounding, axis=axis)
 
 
+@pytest.mark.slow
 def test_nvfp4_tiles_fixed_and_off_tensor_scales_and_other_blocks():
     x = nvfp4_data((32, 48), seed=5)
     for axis in (-1, 0):  # 16 x 16 tiles, whichever axis the blocks run along
@@ -146,6 +155,7 @@ def test_nvfp4_tiles_fixed_and_off_tensor_scales_and_other_blocks():
     assert_both_paths_match(z, "nvfp4", "nearest")  # amax 0: S = 1, every block scale 0
 
 
+@pytest.mark.slow
 def test_nvfp4_block_scales_at_e4m3_midpoints():
     """Block maxima whose (blockmax / 6) * S lands within a few float32 ulps of an E4M3 midpoint, where
     another operation order would round the block scale the other way."""
@@ -222,3 +232,50 @@ def test_fp8_codes_are_torch_float8_bytes():
     q = quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor")
     assert q.data.dtype == TORCH_DTYPES["e5m2"]
     assert torch.equal(q.dequantize(), fake_quantize(x, "fp8_e5m2", scale=2.0**-8, backend="inductor"))
+
+
+# ---------------- dequantize ----------------
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, NaNs anywhere in the same places (their payloads are not compared)."""
+    nan = torch.isnan(a)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(nan, torch.isnan(b)) and torch.equal(
+        bits(a[~nan]), bits(b[~nan]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, SLOW(torch.float8_e5m2)])
+def test_fp8_dequantize_every_code(dtype):
+    """All 256 bytes (NaN, inf, subnormals and -0 included) under a power-of-two and an odd scale."""
+    from megatron_lowp.numerics import QuantizedTensor
+
+    data = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    fmt = "fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2"
+    for scale in (0.5, 3.7):
+        qt = QuantizedTensor(fmt, data, torch.tensor(scale), None, data.shape, 1, torch.float32, {})
+        ref, got = qt.dequantize(torch.float32, backend="torch"), qt.dequantize(torch.float32, backend="inductor")
+        assert same_values(got, ref) and torch.isnan(ref).any()
+
+
+@pytest.mark.parametrize("fmt,axis", [SLOW("fp8_e5m2", 0), ("nvfp4", 0), SLOW("nvfp4", -1)])
+def test_dequantize_of_quantized_data_in_bf16(fmt, axis):
+    """What backward restores: packed x_t / w_t back in the compute dtype, blocks along either axis."""
+    x = nvfp4_data((48, 64), seed=11) if fmt == "nvfp4" else wide((48, 64), seed=11)
+    qt = quantize(x, fmt, axis=axis, backend="torch")
+    ref, got = qt.dequantize(torch.bfloat16, backend="torch"), qt.dequantize(torch.bfloat16, backend="inductor")
+    assert same_values(got, ref)
+    x3 = nvfp4_data((2, 32, 3), seed=12)  # a middle block axis: pre and post both > 1
+    qt = quantize(x3, "nvfp4", axis=1, backend="torch")
+    assert same_values(qt.dequantize(torch.bfloat16, backend="inductor"), qt.dequantize(torch.bfloat16, backend="torch"))
+
+
+def test_dequantize_backend_choice():
+    big = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "nvfp4")
+    assert fused_dispatch.dequantize_backend(big, "auto") == "inductor"
+    small = quantize(torch.randn(16, 32), "nvfp4")
+    assert fused_dispatch.dequantize_backend(small, "auto") == "torch"
+    channel = quantize(torch.randn(16, 32), "fp8_e4m3", scaling="channel")
+    with pytest.raises(UserError, match="cannot dequantize this fp8_e4m3 tensor: only a per-tensor"):
+        channel.dequantize(backend="inductor")
+    with pytest.raises(UserError, match="backend: 'cuda' is not one of"):
+        big.dequantize(backend="cuda")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lowp.errors import UserError
+from megatron_lowp.numerics import scaling
 from megatron_lowp.numerics.formats import E2M1, E4M3, E8M0_MAX_EXP, E8M0_MIN_EXP, FloatFormat
 from megatron_lowp.numerics.rounding import round_to_format
 
@@ -118,9 +119,11 @@ def check_tensor_scale(tensor_scale: str, tensor_amax: float | None, scale_round
 
 
 def nvfp4_tensor_scale(
-    x: torch.Tensor, tensor_scale: str, tensor_amax: float | None, scale_rounding: str
+    x: torch.Tensor, tensor_scale: str, tensor_amax: float | None, scale_rounding: str,
+    x_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """S (decode convention: multiply to encode) or t (encode convention: divide to encode)."""
+    """S (decode convention: multiply to encode) or t (encode convention: divide to encode); x_amax is
+    amax(|x|) when the caller has it already."""
     check_tensor_scale(tensor_scale, tensor_amax, scale_rounding)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     if tensor_scale == "off":
@@ -128,7 +131,7 @@ def nvfp4_tensor_scale(
     if tensor_scale == "fixed":
         amax = torch.tensor(float(tensor_amax), dtype=torch.float32, device=x.device)
     else:
-        amax = x.abs().amax().to(torch.float32)
+        amax = scaling.amax(x) if x_amax is None else x_amax
     if scale_rounding == "decode":
         s = torch.clamp(NVFP4_GLOBAL / amax, max=torch.finfo(torch.float32).max)
     else:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_lowp.numerics.blocks import NVFP4_GLOBAL
-from megatron_lowp.numerics.formats import E2M1, E4M3, FloatFormat
+from megatron_lowp.numerics.formats import E2M1, E4M3, E5M2, FloatFormat
 
 _F32_MAX = torch.finfo(torch.float32).max
 _MASK32 = 0xFFFFFFFF
@@ -203,6 +203,68 @@ def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | 
     return _run(_nvfp4_graph, (axis, block_size, tile, scale_off, codes, out_dtype), x, tensor_amax, sr)
 
 
+def _decode(code: torch.Tensor, c: tuple, mag_mask: int, special: int | None) -> torch.Tensor:
+    """Float32 values of sign-magnitude codes (int32, sign bit just above mag_mask): the exponent and
+    mantissa fields placed in float32 bits (normals) or m * min subnormal (subnormals), both exact.
+    Magnitude codes >= special (E4M3FN's 0x7F, E5M2's exponent 31) decode as torch's float8 casts
+    do: NaN, or inf for E5M2's zero mantissa; None: the format has none."""
+    man, bias, inv_min_sub = c[2], c[3], c[5]
+    mag = code & mag_mask
+    e, m = mag >> man, mag & ((1 << man) - 1)
+    normal = (((e - bias + 127) << 23) | (m << (23 - man))).view(torch.float32)
+    v = torch.where(e > 0, normal, m.to(torch.float32) * (1.0 / inv_min_sub))
+    if special is not None:
+        odd = torch.where(m == 0, torch.full_like(v, math.inf), torch.full_like(v, math.nan))
+        v = torch.where(mag >= special, odd, v)
+    return torch.where((code & (mag_mask + 1)) != 0, -v, v)
+
+
+def _fp8_dequant_graph(fmt: FloatFormat, special: int, out_dtype: torch.dtype) -> Callable:
+    c = _consts(fmt)
+
+    def fp8_dequant(data: torch.Tensor, scale: torch.Tensor):
+        """(float8 bytes as uint8 -> float32) / scale, in out_dtype: TensorScaledFP8.dequantize."""
+        return (_decode(data.to(torch.int32), c, 0x7F, special) / scale).to(out_dtype)
+
+    return fp8_dequant
+
+
+def _nvfp4_dequant_graph(bs: int, out_dtype: torch.dtype) -> Callable:
+    e2m1, e4m3 = _consts(E2M1), _consts(E4M3)
+
+    def nvfp4_dequant(data: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor):
+        """NVFP4.dequantize (decode convention) of packed codes (pre, post, n / 2) and E4M3 block scale
+        bytes (pre, post, n / bs): unpack, decode both, (q * d) / S, returned as (pre, n, post)."""
+        pre, post, nb = scale.shape
+        d = data.to(torch.int32)
+        codes = torch.stack([d & 0xF, d >> 4], dim=-1).reshape(pre, post, nb, bs)
+        q = _decode(codes, e2m1, 0x7, None)
+        s = _decode(scale.to(torch.int32), e4m3, 0x7F, 0x7F).unsqueeze(-1)
+        out = (q * s) / tensor_scale
+        return out.reshape(pre, post, nb * bs).permute(0, 2, 1).contiguous().to(out_dtype)
+
+    return nvfp4_dequant
+
+
 # the uncompiled graphs, for tests that compare a compiled graph with its own source
 def eager_fp8(x, scale, sr, *, fmt, power_of_two, codes, out_dtype):
     return _fp8_graph(fmt, power_of_two, codes, out_dtype)(x, scale, sr)
+
+
+_FP8_SPECIAL = {torch.float8_e4m3fn: (E4M3, 0x7F), torch.float8_e5m2: (E5M2, 0x7C)}
+
+
+def fp8_dequantize(data: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(data.to(float32) / scale).to(out_dtype) for float8 data (e4m3fn or e5m2) and a 0-d scale."""
+    fmt, special = _FP8_SPECIAL[data.dtype]
+    return _run(_fp8_dequant_graph, (fmt, special, out_dtype), data.contiguous().view(torch.uint8), scale.reshape(()))
+
+
+def nvfp4_dequantize(data: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor, shape: torch.Size,
+                     axis: int, block_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """NVFP4 (decode convention) from packed codes (..., n / 2) and E4M3 block scales (..., n / bs), the
+    block axis (>= 0) moved last, to `shape` in out_dtype."""
+    pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    out = _run(_nvfp4_dequant_graph, (block_size, out_dtype), data.contiguous().reshape(pre, post, -1),
+               scale.contiguous().view(torch.uint8).reshape(pre, post, -1), tensor_scale.reshape(()))
+    return out.reshape(shape)

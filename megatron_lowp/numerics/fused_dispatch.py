@@ -11,18 +11,19 @@ graphs return amax(|x|), from which the NaN/Inf check is made without a pass of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from megatron_lowp.device.kernels import triton_kernels_usable
-from megatron_lowp.numerics import blocks, cpu_compile, fused_cpu
+from megatron_lowp.errors import UserError
+from megatron_lowp.numerics import blocks, cpu_compile, fused_cpu, scaling
 from megatron_lowp.numerics.formats import TORCH_DTYPES, FloatFormat
 from megatron_lowp.numerics.number_format import (
     NumberFormat,
     QuantizedTensor,
-    check_input,
     raise_not_finite,
     stored_axis,
 )
@@ -39,6 +40,51 @@ def device_reason(backend: str, x: torch.Tensor) -> str | None:
         if not 0 < x.numel() < 2**31:  # the SR counters run in int32
             return "x has no elements, or 2^31 or more"
     return None
+
+
+def dequantize_backend(qt: QuantizedTensor, backend: str) -> str:
+    """The backend that dequantizes qt: "inductor" for a large enough CPU tensor that fused_cpu covers
+    (per-tensor FP8, NVFP4 in the decode convention) under "auto"; else "torch" (the reference)."""
+    if backend not in ("auto", "torch", "inductor"):
+        raise UserError(f"backend: {backend!r} is not one of auto, torch, inductor (dequantize)")
+    if backend == "torch":
+        return "torch"
+    reason = None
+    if qt.data.device.type != "cpu" or not cpu_compile.enabled():
+        reason = "inductor fuses CPU tensors only (and MEGATRON_LOWP_CPU_COMPILE=0 turns it off)"
+    elif not 0 < math.prod(qt.shape) < 2**31:
+        reason = "the tensor has no elements, or 2^31 or more"
+    elif qt.fmt in ("fp8_e4m3", "fp8_e5m2") and qt.scale.numel() != 1:
+        reason = "only a per-tensor (single) scale has a fused dequantize"
+    elif qt.fmt == "nvfp4" and qt.options.get("scale_rounding") != "decode":
+        reason = "only scale_rounding='decode' has a fused dequantize"
+    elif qt.fmt not in ("fp8_e4m3", "fp8_e5m2", "nvfp4"):
+        reason = f"format {qt.fmt!r} has no fused dequantize"
+    if backend == "inductor":
+        if reason is not None:
+            raise UserError(f"backend='inductor' cannot dequantize this {qt.fmt} tensor: {reason}; use 'auto' or 'torch'")
+        return "inductor"
+    return "inductor" if reason is None and math.prod(qt.shape) >= cpu_compile.COMPILE_MIN_NUMEL else "torch"
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """qt dequantized by fused_cpu (dequantize_backend chose "inductor"): the reference's bits."""
+    if qt.fmt == "nvfp4":
+        return fused_cpu.nvfp4_dequantize(qt.data, qt.scale, qt.tensor_scale, qt.shape, qt.axis,
+                                          qt.options["block_size"], dtype)
+    return fused_cpu.fp8_dequantize(qt.data, qt.scale, dtype)
+
+
+def _checked_amax(x: torch.Tensor, fmt: str, options: Mapping[str, Any], needed: bool) -> torch.Tensor | None:
+    """amax(|x|) in one read of x (no float32 copy, unlike check_input), UserError if it is NaN/Inf
+    and check_finite is on; None when neither the check nor the caller (needed) wants it."""
+    check = options.get("check_finite", True)
+    if not (check or needed):
+        return None
+    a = scaling.amax(x)
+    if check and not bool(torch.isfinite(a)):  # the one host sync of a checked call
+        raise_not_finite(fmt)
+    return a
 
 
 def _sr_tensor(rounding: str, generator: SRGenerator | None, device: torch.device) -> torch.Tensor | None:
@@ -67,9 +113,11 @@ def fp8(backend: str, x: torch.Tensor, fmt: NumberFormat, elem: FloatFormat, rou
     if backend == "triton":
         from megatron_lowp.numerics import triton_kernels
 
-        x32 = check_input(x, fmt.name, options.get("check_finite", True))
-        s = fmt.scale(x32, axis, options)
-        return triton_kernels.fp8_quantize(x32, s, elem, rounding, generator)[0], s
+        s = fmt.given_scale(options, x.device)
+        a = _checked_amax(x, fmt.name, options, needed=s is None)
+        if s is None:
+            s = scaling.scale_from_amax(a, elem.max_value, options.get("power_of_two", False))
+        return triton_kernels.fp8_quantize(x, s, elem, rounding, generator)[0], s  # bf16/fp16 read as is
     given = fmt.given_scale(options, x.device)  # one value (fused_reason checked)
     out, s, amax = fused_cpu.fp8(x.detach().contiguous(), None if given is None else given.reshape(()),
                                  _sr_tensor(rounding, generator, x.device), fmt=elem,
@@ -86,9 +134,9 @@ def nvfp4(backend: str, x: torch.Tensor, fmt: NumberFormat, bs: int, rounding: s
     if backend == "triton":
         from megatron_lowp.numerics import triton_kernels
 
-        x32 = check_input(x, fmt.name, options.get("check_finite", True))
-        ts = blocks.nvfp4_tensor_scale(x32, mode, given_amax, "decode")
-        data, scale = triton_kernels.nvfp4_quantize(x32, ts, rounding, generator, bs)
+        a = _checked_amax(x, fmt.name, options, needed=mode == "amax")
+        ts = blocks.nvfp4_tensor_scale(x, mode, given_amax, "decode", x_amax=a)
+        data, scale = triton_kernels.nvfp4_quantize(x, ts, rounding, generator, bs)
         qt = QuantizedTensor(fmt.name, data, scale, ts, x.shape, stored_axis(x, axis), x.dtype, meta)
         return qt if codes else qt.dequantize(x.dtype)
     ax = blocks.check_block_axis(x.shape, axis, bs, fmt.name)

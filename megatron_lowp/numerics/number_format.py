@@ -25,6 +25,7 @@ import torch
 
 from megatron_lowp.errors import UserError
 from megatron_lowp.numerics.formats import FloatFormat
+from megatron_lowp.numerics.scaling import amax
 from megatron_lowp.numerics.sr_random import SRGenerator, default_generator
 
 COMMON_OPTIONS = ("check_finite",)
@@ -58,7 +59,13 @@ class QuantizedTensor:
 
         return format_named(self.fmt)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+        """The values in `dtype`; backend "torch" (the reference), "inductor" (one compiled pass on the
+        CPU, fused_cpu.py), or "auto": inductor where it covers this tensor and it is large enough."""
+        from megatron_lowp.numerics import fused_dispatch  # it imports this module
+
+        if fused_dispatch.dequantize_backend(self, backend) == "inductor":
+            return fused_dispatch.dequantize(self, dtype)
         return self.format.dequantize(self, dtype)
 
 
@@ -175,7 +182,7 @@ def check_input(x: torch.Tensor, fmt: str, check_finite: bool) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise UserError(f"{fmt}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     x32 = x.detach().to(torch.float32)
-    if check_finite and not bool(torch.isfinite(x32).all()):
+    if check_finite and not bool(torch.isfinite(amax(x32))):  # NaN/Inf anywhere makes the amax non-finite
         raise_not_finite(fmt)
     return x32
 
