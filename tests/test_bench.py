@@ -4,7 +4,10 @@ benchmarks measure, tests check behaviour)."""
 import importlib.util
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # ~45 s: runs every quantizer row of the benchmark once
 def test_bench_numerics_writes_every_row(repo, tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("bench_numerics", repo / "scripts/bench_numerics.py")
     bench = importlib.util.module_from_spec(spec)

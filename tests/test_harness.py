@@ -216,6 +216,7 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
         importlib.import_module("megatron_lowp.eval.harness")
 
 
+@pytest.mark.slow  # ~25 s: loads lm-eval's whole task index
 def test_a_hub_task_offline_names_the_way_out(fp8_run, repo):
     """hellaswag needs the Hub; offline (HF_HUB_OFFLINE=1 fails at once) the error says what to do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
