@@ -101,7 +101,13 @@ def test_ctrl_c_during_a_save_waits_for_the_save_then_exits_130(tmp_path, monkey
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod.dcp, "save", interrupted_save)
-    status = cli.main(argv(tmp_path, "ctrlc", "train.steps=4", "train.checkpoint_every=2"))
+    # a terminal's Ctrl-C: Python's own handler (a process started with SIGINT ignored, e.g. under
+    # nohup, never sees one, and an earlier test may have left the handler changed)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = cli.main(argv(tmp_path, "ctrlc", "train.steps=4", "train.checkpoint_every=2"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert status == 130 and err.strip() == "megatron-lowp: interrupted", err
     ckpts = tmp_path / "ctrlc" / "checkpoints"
