@@ -109,6 +109,11 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress(line: str) -> None:
+    """Long benchmarks show where they are (stderr, so a piped table stays clean)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def start(variants: dict, files: dict, args, tmp: str) -> tuple[dict[str, Trainer], dict[str, str]]:
     """Build each entry and run its warm-up steps; an entry that fails is reported with its error
     and leaves the others their turns."""
@@ -117,6 +122,7 @@ def start(variants: dict, files: dict, args, tmp: str) -> tuple[dict[str, Traine
         try:
             trainers[label] = build(Path(files.get(label, files.get(recipe, args.recipe_file))), label, recipe,
                                     [*args.overrides, *own], tmp)
+            progress(f"{label}: built; {args.warmup} warm-up steps")
             timed_steps(trainers[label], args.warmup)
         except Exception as e:  # any failure of one entry is that entry's result
             failed[label] = f"{type(e).__name__}: {e}"
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, trainer in trainers.items():
                 trainer.device.reset_peak_memory()
                 times[label].append(timed_steps(trainer, args.steps))
+                progress(f"round {i + 1}/{args.rounds}: {label} {times[label][-1]:.2f} s for {args.steps} steps")
                 peaks[label] = max(peaks[label], peak_memory(trainer))
             now = time.perf_counter()
             if args.time_limit is not None and i + 1 < args.rounds and now + (now - round_start) - started > args.time_limit:
