@@ -11,6 +11,8 @@ element (a quantum is ~1e-2 relative). Writes the worst relative differences as 
                       then the norms of its weight rows/columns and of the hidden state at each
                       block's input and output (hooks). relu2: the ungated MLP; local_norm: FNGPT's
                       N(.) over this rank's channels only (the mistake the tp sum prevents)
+    noise:<recipe>[:ngpt][:sp]   the gradient-noise monitor's report on a tiny Llama (or nGPT) against
+                      the unsharded model's: ratio, grad_rms, noise_std, params and each layer's ratio
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from megatron_lowp.device import get_device
 from megatron_lowp.model import build_model, cross_entropy_loss
 from megatron_lowp.parallel import tensor_parallel
 from megatron_lowp.precision import QuantizedLinear, build_recipe
+from megatron_lowp.precision.grad_noise import measure_gradient_noise
 from megatron_lowp.precision.quantized_linear import commit_amax_histories
 
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_size=128",
@@ -156,7 +159,7 @@ def ngpt_case(recipe_name: str, mesh, flags: list[str]) -> dict:
     for _step in range(3):
         tokens = torch.randint(0, 256, (2, 33), generator=g)
         logits = []
-        for model, opt in zip((whole, part), opts, strict=True):
+        for model in (whole, part):
             out = model(tokens[:, :-1])
             cross_entropy_loss(out, tokens[:, 1:]).backward()
             logits.append(out.detach())
@@ -171,7 +174,7 @@ def ngpt_case(recipe_name: str, mesh, flags: list[str]) -> dict:
             if model is part:
                 worst["off_sphere_before_renorm"] = max(worst["off_sphere_before_renorm"], weight_norm_error(part))
             model.after_optimizer_step()
-        for (name, pw), (_, pp) in zip(whole.named_parameters(), part.named_parameters(), strict=True):
+        for pw, pp in zip(whole.parameters(), part.parameters(), strict=True):
             worst["params"] = max(worst["params"], rel(full(pp.detach()), pw.detach()))
     worst["grads"] = max(per_grad.values())
     # the sphere after training: weight rows/columns, and h entering and leaving every block, per token
@@ -188,6 +191,25 @@ def ngpt_case(recipe_name: str, mesh, flags: list[str]) -> dict:
             "hidden_states_checked": len(hidden)}
 
 
+def noise_case(recipe_name: str, mesh, flags: list[str]) -> dict:
+    arch = ["model.arch=ngpt", "model.init_std=0.125"] if "ngpt" in flags else []
+    cfg = load_config(None, [*RECIPES[recipe_name], *MODEL, *arch])
+    recipe = build_recipe(cfg, get_device("cpu"))
+    torch.manual_seed(0)
+    whole = build_model(cfg.model, recipe).double()
+    part = copy.deepcopy(whole)
+    tensor_parallel.parallelize(part, mesh, "sp" in flags)
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    reports = [measure_gradient_noise(m, lambda m=m: cross_entropy_loss(m(tokens[:, :-1]), tokens[:, 1:]))
+               for m in (whole, part)]
+    w, p = reports
+    out = {key: abs(getattr(p, key) - getattr(w, key)) / abs(getattr(w, key)) for key in ("ratio", "grad_rms", "noise_std")}
+    out["per_layer"] = max(abs(p.per_layer[k] - w.per_layer[k]) / w.per_layer[k] for k in w.per_layer)
+    out["params_equal"] = p.params == w.params and list(p.per_layer) == list(w.per_layer)
+    out["ratio_value"] = w.ratio
+    return out
+
+
 def main() -> None:
     """argv: the JSON path, then cases such as linear:fp8 or model:fp4:local_max (one launch, many cases)."""
     dist.init_process_group("gloo")
@@ -199,6 +221,8 @@ def main() -> None:
             result[case] = linear_case(recipe_name, mesh)
         elif kind == "ngpt":
             result[case] = ngpt_case(recipe_name, mesh, flags)
+        elif kind == "noise":
+            result[case] = noise_case(recipe_name, mesh, flags)
         else:
             result[case] = model_case(recipe_name, mesh, "local_max" in flags, "sp" in flags)
     if dist.get_rank() == 0:
