@@ -85,10 +85,11 @@ def test_ngpt_shards_train_as_the_whole_model(repo, tmp_path):
 
 
 def test_gradient_noise_monitor_at_tp2_reads_the_global_gradient(repo, tmp_path):
-    """The sqrt(3) monitor on a tp = 2 model (fp4's SR gradients; nGPT's ngpt_fp4) reports what it
-    reports for the unsharded model: shards' sums of squares added over tp, the replicated ones once
-    (measured 1e-8 overall, 2e-7 per layer: FP32 norms of the pieces)."""
-    cases = ["noise:fp4", "noise:fp4:sp", "noise:ngpt_fp4:ngpt"]
+    """The sqrt(3) monitor on a tp = 2 model (fp4's SR gradients, also with the replicated LM head
+    quantized; nGPT's ngpt_fp4) reports what it reports for the unsharded model: shards' sums of
+    squares added over tp, the replicated ones once (measured 1e-8 overall, 2e-7 per layer: FP32
+    norms of the pieces)."""
+    cases = ["noise:fp4", "noise:fp4:sp", "noise:fp4_lm_head:sp", "noise:ngpt_fp4:ngpt"]
     result = run_worker(repo, tmp_path, cases)
     for case in cases:
         r = result[case]

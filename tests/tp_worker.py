@@ -45,6 +45,8 @@ ROLES = ("x", "w", "dy", "w_t", "dy_t", "x_t")
 # range's ends, so a wrong amax would go unseen)
 RECIPES = {"bf16": ["precision.recipe=bf16"], "fp8": ["precision.recipe=fp8"], "fp4": ["precision.recipe=fp4"],
            "ngpt_fp4": ["precision.recipe=ngpt_fp4"],
+           # the LM head quantized too: a monitored weight that every tp rank holds whole
+           "fp4_lm_head": ["precision.recipe=fp4", "precision.high_precision=[]"],
            "fp8_current": ["precision.recipe=fp8", *(f"precision.{r}.amax=current" for r in ROLES),
                            *(f"precision.{r}.power_of_two=false" for r in ROLES)]}
 
