@@ -119,18 +119,25 @@ def test_ngpt_weights_stay_on_the_sphere_when_sharded(repo, tmp_path):
 
 
 def assert_ngpt_weights_on_sphere(checkpoint: Path) -> None:
-    """Rows/columns of nGPT's matrices in a saved checkpoint have unit norm (1e-5)."""
+    """Every row/column nGPT keeps on the unit sphere has unit norm (1e-5) in a saved checkpoint."""
     import warnings
 
     import torch
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    from megatron_lowp.model.ngpt import WEIGHT_NORM_DIMS
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")  # one process: intended
         state = _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
-    for name, dim in (("layers.0.attn.qkv.weight", 1), ("layers.1.mlp.down.weight", 0), ("embed.weight", 1)):
-        norms = state[name].float().norm(dim=dim)
-        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), name
+    checked = 0
+    for name, tensor in state.items():
+        dims = [dim for suffix, dim in WEIGHT_NORM_DIMS.items() if name == suffix or name.endswith("." + suffix)]
+        if dims:
+            norms = tensor.float().norm(dim=dims[0])
+            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), name
+            checked += 1
+    assert checked >= len(WEIGHT_NORM_DIMS), sorted(state)
 
 
 @pytest.mark.slow

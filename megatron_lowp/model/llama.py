@@ -184,6 +184,8 @@ class Block(nn.Module):
 class Llama(nn.Module):
     # The model contract (docs/models.md): weights are free parameters; nothing to restore after a step.
     constrains_weights = False
+    # parallel/tensor_parallel.py can split its blocks
+    tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, mlp_activation: str = "swiglu"):
         super().__init__()
@@ -226,6 +228,11 @@ class Llama(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the training loop after every optimizer step; Llama has nothing to do (nGPT
         renormalizes its weights here)."""
+
+    def residual_stream_parameters(self) -> list[nn.Parameter]:
+        """Parameters applied position by position to the residual stream (the norms' gains): under
+        sequence parallelism each rank sees only its positions."""
+        return [m.weight for block in self.layers for m in (block.attn_norm, block.mlp_norm)] + [self.norm.weight]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -25,6 +25,7 @@ comment says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +60,24 @@ WEIGHT_NORM_DIMS = {
 ACTIVATIONS = ("swiglu", "smooth_swiglu", "smooth_swiglu_channel")
 
 
-def justnorm(x: torch.Tensor) -> torch.Tensor:
-    """N(x): x / (||x||_2 + EPS) along the last dim, computed in FP32, returned in x's dtype."""
+# A sum over the tensor-parallel ranks that hold the other channels of a tensor (with its gradient).
+SumAcrossShards = Callable[[torch.Tensor], torch.Tensor]
+
+
+def justnorm(x: torch.Tensor, sum_across_shards: SumAcrossShards | None = None) -> torch.Tensor:
+    """N(x): x / (||x||_2 + EPS) along the last dim, computed in FP32, returned in x's dtype. When x is
+    this rank's slice of the channels (tensor parallelism), `sum_across_shards` adds the sums of squares
+    of all slices, so the norm is the full width's."""
     x32 = x.float()
-    return (x32 / (x32.norm(dim=-1, keepdim=True) + EPS)).type_as(x)
+    if sum_across_shards is None:
+        norm = x32.norm(dim=-1, keepdim=True)
+    else:
+        norm = sum_across_shards(x32.square().sum(dim=-1, keepdim=True)).sqrt()
+    return (x32 / (norm + EPS)).type_as(x)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p
 
 
 def scalar(dim: int, value: float) -> nn.Parameter:
@@ -73,12 +88,20 @@ def scalar(dim: int, value: float) -> nn.Parameter:
 class Attention(llama.Attention):
     """Llama's projections and heads; normalized q/k with the learned s_qk, and no RMSNorm around it."""
 
+    # 1-D parameters with one entry per query channel (head x head_dim): tensor parallelism shards them with the heads
+    channel_params = ("sqk",)
+
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
         super().__init__(cfg, make_linear, prefix)
         self.base_scale = cfg.init_std
         self.normalize_out_input = cfg.ngpt_normalize_down_inputs
         # s_qk per (query head, head dim), flattened; effective value sqk / base_scale, init 1.
         self.sqk = scalar(self.n_heads * self.head_dim, cfg.init_std)
+        # Tensor parallelism (parallel/tensor_parallel.py) shards sqk with the heads and sets these:
+        # this rank's slice of a channel-sharded parameter, and the sum over the other heads' ranks
+        # that FNGPT's N(y) needs (y holds this rank's heads only).
+        self.local_shard: Callable[[torch.Tensor], torch.Tensor] = _whole
+        self.sum_across_shards: SumAcrossShards | None = None
 
     def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         """Between the two linears (Llama's forward calls it): RoPE, normalized q/k, attention, FNGPT's N(y)."""
@@ -88,13 +111,13 @@ class Attention(llama.Attention):
         # init (s = 1). The original nGPT multiplies both N(q) and N(k) by s; Megatron folds s^2 into
         # q only, which is the same function and also works when a key head serves several query
         # heads (GQA).
-        s2 = (self.sqk.float() / self.base_scale).pow(2).view(1, self.n_heads, 1, self.head_dim)
+        s2 = (self.local_shard(self.sqk).float() / self.base_scale).pow(2).view(1, self.n_heads, 1, self.head_dim)
         q = (justnorm(q).float() * s2).type_as(v)
         k = justnorm(k).type_as(v)  # a cache stores the normalized keys
         y = causal_attention(q, k, v, cache, scale=math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(batch, seq, -1)
         if self.normalize_out_input:  # FNGPT: unit-norm input of attn.out (not in the original nGPT)
-            y = justnorm(y)
+            y = justnorm(y, self.sum_across_shards)
         return y
 
 
@@ -104,6 +127,9 @@ class MLP(nn.Module):
     s_u, s_v are stored as 1 and used times sqrt(d_model), which brings u, v = cos(w, h) * sqrt(d) to
     unit scale at init, so SiLU works in its nonlinear range (both halves scaled, as in both codes;
     the nGPT paper writes the sqrt(d) on v only)."""
+
+    # 1-D parameters with one entry per FFN channel: tensor parallelism shards them with gate/up's rows
+    channel_params = ("su", "sv")
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, prefix: str):
         super().__init__()
@@ -117,19 +143,22 @@ class MLP(nn.Module):
         self.up = make_linear(cfg.d_model, hidden, f"{prefix}.up")
         self.su = scalar(hidden, 1.0)
         self.down = make_linear(hidden, cfg.d_model, f"{prefix}.down")
+        # Set by tensor parallelism, as in Attention: s_u/s_v are sharded with the FFN channels.
+        self.local_shard: Callable[[torch.Tensor], torch.Tensor] = _whole
+        self.sum_across_shards: SumAcrossShards | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(recompute(self.activation, self.up(h), self.gate(h) if self.gated else None))
 
     def activation(self, u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         """Between the linears: the scaled (gated) activation, and FNGPT's N(.) of the down input."""
-        u = u * (self.su.to(u.dtype) * self.sqrt_d)  # in the GEMM's output dtype, as Megatron
+        u = u * (self.local_shard(self.su).to(u.dtype) * self.sqrt_d)  # in the GEMM's output dtype, as Megatron
         if self.gated:
-            a = F.silu(v * (self.sv.to(v.dtype) * self.sqrt_d)) * u
+            a = F.silu(v * (self.local_shard(self.sv).to(v.dtype) * self.sqrt_d)) * u
         else:
             a = F.relu(u).square()
         if self.normalize_down_input:  # FNGPT: unit-norm input of mlp.down (not in the original nGPT)
-            a = justnorm(a)
+            a = justnorm(a, self.sum_across_shards)
         return a
 
 
@@ -159,6 +188,9 @@ class NGPT(nn.Module):
     # The model contract (docs/models.md): after_optimizer_step puts every weight matrix back on the
     # unit sphere, so an engine must give it whole, full-precision weights to renormalize.
     constrains_weights = True
+    # parallel/tensor_parallel.py can split its blocks (Llama's layout, plus channel_params and the
+    # sum_across_shards of FNGPT's norms)
+    tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, mlp_activation: str = "swiglu"):
         super().__init__()
@@ -216,6 +248,11 @@ class NGPT(nn.Module):
     def after_optimizer_step(self) -> None:
         """The training loop calls this after every optimizer.step(): nGPT's weights live on the sphere."""
         self.normalize_weights()
+
+    def residual_stream_parameters(self) -> list[nn.Parameter]:
+        """Parameters applied position by position to the hidden state between attention and MLP
+        (the steps alpha): under sequence parallelism each rank sees only its positions."""
+        return [p for block in self.layers for p in (block.attn_alpha, block.mlp_alpha)]
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); with a cache, the tokens follow

@@ -17,8 +17,8 @@ def apply_tensor_parallel(module: nn.Module, device_type: str, info: DistInfo) -
     """Split `module`'s blocks over the tp dimension (in place); the mesh, or None when tp is 1."""
     if info.tp == 1:
         return None
-    from megatron_lowp.parallel.tensor_parallel import parallelize_llama
+    from megatron_lowp.parallel.tensor_parallel import parallelize
 
     mesh = device_mesh(device_type, info)
-    parallelize_llama(module, mesh["tp"], info.sequence_parallel)
+    parallelize(module, mesh["tp"], info.sequence_parallel)
     return mesh

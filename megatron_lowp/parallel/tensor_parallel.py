@@ -1,4 +1,4 @@
-"""Tensor parallelism (Megatron's layout) for the Llama model, on the tp dimension of a device mesh.
+"""Tensor parallelism (Megatron's layout) for Llama and nGPT, on the tp dimension of a device mesh.
 
 Within a block, per tp group of N ranks:
 - column-parallel (each rank holds out_features / N rows of the weight): attention's qkv (whole
@@ -7,9 +7,14 @@ Within a block, per tp group of N ranks:
 - row-parallel (in_features / N columns): attention's out and the MLP's down; each rank multiplies
   its slice and the partial sums are added over the group at the attention/MLP output, so anything
   the MLP applies to its output (per-token Smooth-SwiGLU's scale) is applied before the sum;
+- 1-D parameters indexed by those channels (a module's `channel_params`: nGPT's s_qk per query
+  channel, s_u/s_v per FFN channel) are sharded with them; a norm over such a sharded width (nGPT's
+  FNGPT N(.) of the attn.out and mlp.down inputs) takes its sum of squares over tp through the
+  module's `sum_across_shards`;
 - the embedding, the norms, the residual stream and the LM head stay whole on every rank; with
-  sequence parallelism the residual stream and the norms hold seq / N positions per rank instead
-  (all-gathered into the attention and MLP, reduce-scattered out of them).
+  sequence parallelism the residual stream and the parameters applied to it position by position
+  (the model's `residual_stream_parameters()`: Llama's norms, nGPT's alphas) see seq / N positions
+  per rank instead (all-gathered into the attention and MLP, reduce-scattered out of them).
 
 Parameters become DTensors sharded on the tp mesh dimension (Shard(0) column-parallel, Shard(1)
 row-parallel) in their usual layout, so checkpoints (DCP) hold global tensors and resume at any tp
@@ -44,15 +49,19 @@ from megatron_lowp.parallel.tp_comm import (
     reduce_from_tp,
     scatter_seq,
     split_seq,
+    sum_over_tp,
 )
 from megatron_lowp.precision.tp_shard import LinearShard
 
 
 def check_tp_shapes(cfg: ModelConfig, tp: int) -> None:
     """The model must be one we can split, its heads and FFN channels evenly over tp ranks."""
-    if cfg.arch != "llama":
-        raise UserError(f"parallel.tp: {tp} supports model.arch llama; tensor parallelism for {cfg.arch} is not "
-                        "implemented (use parallel.tp=1 with ddp/fsdp)")
+    from megatron_lowp.model import ARCHS
+
+    if not getattr(ARCHS[cfg.arch], "tensor_parallel", False):
+        ok = ", ".join(name for name, cls in ARCHS.items() if getattr(cls, "tensor_parallel", False))
+        raise UserError(f"parallel.tp: {tp}: model.arch {cfg.arch} has no tensor-parallel plan (it has: {ok}); "
+                        "use parallel.tp=1 with ddp/fsdp")
     n_kv = cfg.n_kv_heads or cfg.n_heads
     for key, value in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", n_kv)):
         if value % tp:
@@ -86,6 +95,18 @@ def _shard(linear: nn.Module, mesh: DeviceMesh, kind: str, index: torch.Tensor, 
         linear.tp.check_blocks(linear.specs, getattr(linear, "name", "a linear"))
 
 
+def _shard_channel_params(module: nn.Module, mesh: DeviceMesh) -> None:
+    """The module's `channel_params` (1-D, one entry per channel of its column-parallel output),
+    sharded with those channels: contiguous chunks, Shard(0) like the weights' rows."""
+    for name in getattr(module, "channel_params", ()):
+        p = getattr(module, name, None)
+        if p is not None:
+            setattr(module, name, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]),
+                                               requires_grad=p.requires_grad))
+    if hasattr(module, "local_shard"):
+        module.local_shard = _local
+
+
 def _whole_in_partial_out(module: nn.Module, group, sequence_parallel: bool) -> None:
     """The module's first input enters column-parallel linears (f, or an all-gather of the sequence
     shards); its output is a partial sum (g, or a reduce-scatter to the sequence shards)."""
@@ -95,25 +116,28 @@ def _whole_in_partial_out(module: nn.Module, group, sequence_parallel: bool) -> 
 
 
 def _split_sequence(model: nn.Module, group) -> None:
-    """Sequence parallelism: the residual stream and the norms between the blocks hold seq / tp
-    positions per rank; the LM head gets the whole sequence back. The norms' weight gradients are
-    then sums over this rank's positions only: `sync_sequence_parallel_grads` adds them over tp."""
+    """Sequence parallelism: the residual stream between the blocks holds seq / tp positions per
+    rank; the LM head gets the whole sequence back. The gradients of the parameters applied to it
+    position by position (`residual_stream_parameters()`) are then sums over this rank's positions
+    only: `sync_sequence_parallel_grads` adds them over tp."""
     model.embed.register_forward_hook(lambda mod, args, out: split_seq(out, group))
-    model.norm.register_forward_hook(lambda mod, args, out: gather_seq_whole(out, group))
-    norms = [m for block in model.layers for m in (block.attn_norm, block.mlp_norm)] + [model.norm]
-    model.sequence_parallel_norms = (group, norms)
+    model.lm_head.register_forward_pre_hook(lambda mod, args: (gather_seq_whole(args[0], group), *args[1:]))
+    model.sequence_parallel_group = group
 
 
 def sync_sequence_parallel_grads(model: nn.Module) -> None:
-    """After the last backward of a step: the sequence-parallel norms' gradients, summed over tp."""
-    group, norms = getattr(model, "sequence_parallel_norms", (None, []))
-    for norm in norms:
-        g = norm.weight.grad
+    """After the last backward of a step: the residual-stream parameters' gradients, summed over tp.
+    (Asked of the model now, not at `parallelize`: FSDP replaces the parameter objects after it.)"""
+    group = getattr(model, "sequence_parallel_group", None)
+    if group is None:
+        return
+    for p in model.residual_stream_parameters():
+        g = p.grad
         if g is not None:
             torch.distributed.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=group)
 
 
-def parallelize_llama(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def parallelize(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Apply the tensor-parallel plan to every block of `model` (in place) on the 1-D tp `mesh`."""
     tp, rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     check_tp_shapes(model.cfg, tp)
@@ -127,11 +151,17 @@ def parallelize_llama(model: nn.Module, mesh: DeviceMesh, sequence_parallel: boo
         _shard(attn.out, mesh, "row", _chunk(rank, nh * hd, tp), nh * hd, _local)
         attn.n_heads, attn.n_kv_heads = nh // tp, nkv // tp
         ffn = mlp.up.weight.shape[0]
-        for linear in (mlp.gate, mlp.up):
-            _shard(linear, mesh, "column", _chunk(rank, ffn, tp), ffn, _local)
+        for linear in (getattr(mlp, "gate", None), mlp.up):  # nGPT's relu2 MLP has no gate
+            if linear is not None:
+                _shard(linear, mesh, "column", _chunk(rank, ffn, tp), ffn, _local)
         _shard(mlp.down, mesh, "row", _chunk(rank, ffn, tp), ffn, _local)
-        if hasattr(mlp.act, "max_across_shards"):
-            mlp.act.max_across_shards = functools.partial(max_over_tp, group=group)
+        for module in (attn, mlp):
+            _shard_channel_params(module, mesh)
+            if hasattr(module, "sum_across_shards"):
+                module.sum_across_shards = functools.partial(sum_over_tp, group=group)
+        act = getattr(mlp, "act", None)
+        if hasattr(act, "max_across_shards"):
+            act.max_across_shards = functools.partial(max_over_tp, group=group)
         _whole_in_partial_out(attn, group, sequence_parallel)
         _whole_in_partial_out(mlp, group, sequence_parallel)
     if sequence_parallel:

@@ -6,6 +6,8 @@ tensor-parallel process group.
 - `reduce_from_tp`: forward all-reduce, backward identity: the partial sums of row-parallel linears.
 - `gather_rows`: forward all-gather along dim 0, backward reduce-scatter: a dim-0 shard used whole
   (or in other rows) by this rank.
+- `sum_over_tp`: forward all-reduce, backward all-reduce: a sum of per-shard parts (nGPT's sum of
+  squares over a sharded width) that every rank then uses on its own shard.
 Every rank of the group sees identical values for whatever is "whole": identical gradients flow
 back into it, so replicated parameters need no extra reduction.
 """
@@ -46,6 +48,27 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _SumOverTP(torch.autograd.Function):
+    """S = sum_r s_r, and rank r uses S only on its own shard (y_r / sqrt(S)), whose contribution
+    reaches the loss through the row-parallel sum. The gradient arriving at rank r's S covers rank r's
+    path only; dL/dS is the sum of these over ranks, and dL/ds_r = dL/dS for every r: an all-reduce
+    backward too (unlike reduce_from_tp, whose output every rank uses identically, so its gradient
+    is whole on every rank already)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -72,6 +95,10 @@ def reduce_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 def gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return _GatherRows.apply(x, group)
+
+
+def sum_over_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _SumOverTP.apply(x, group)
 
 
 def max_over_tp(t: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -32,7 +32,10 @@ identical (even with SR or dropout in the forward) and the monitor leaves no tra
 next step draws the SR noise it would have drawn without it, and if it runs on the same micro-batch
 its gradient carries exactly the noise measured here. Gradients come from `torch.autograd.grad`, so
 `.grad` (and gradient accumulation) is untouched. Under DistributedDataParallel call it on the
-wrapped module (`ddp.module`) so no all-reduce hook fires; readings are then per rank.
+wrapped module (`ddp.module`) so no all-reduce hook fires; readings are then per rank. Under tensor
+parallelism (DTensor parameters sharded on a 1-D tp mesh) the readings are the global gradient's:
+the shards' sums of squares are added over the tp group, and a tensor every rank holds whole (the
+LM head) counts once.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from megatron_lowp.device import fork_rng
 from megatron_lowp.precision.quantized_linear import QuantizedLinear, high_precision_backward
@@ -65,9 +70,30 @@ def _ratio(grad_sq: float, noise_sq: float) -> float:
     return math.inf if noise_sq == 0 else math.sqrt(grad_sq / noise_sq)
 
 
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _squares(tensors: Sequence[Tensor], norms: Tensor) -> Tensor:
+    """Squares (float64, on the CPU) of the per-tensor norms `norms` (rows: this rank's pieces). With
+    DTensors among `tensors`: the global tensors', summed over their tp group, each piece weighted by
+    1 / the number of ranks holding it."""
+    mesh = next((t.device_mesh for t in tensors if isinstance(t, DTensor)), None)
+    if mesh is None:
+        return norms.cpu().double().square()
+    if mesh.ndim != 1:
+        raise ValueError(f"noise_ratio: gradients on a {mesh.ndim}-D mesh; the monitor sums over one tp group")
+    size = mesh.size()
+    copies = [size if not isinstance(t, DTensor) or t.placements[0].is_replicate() else 1 for t in tensors]
+    sq = norms.double().square() / torch.tensor(copies, dtype=torch.float64, device=norms.device).unsqueeze(1)
+    dist.all_reduce(sq, group=mesh.get_group())
+    return sq.cpu()
+
+
 def noise_ratio(g_hp: Sequence[Tensor], g_q: Sequence[Tensor], names: Sequence[str]) -> GradNoiseReport:
     """The estimator: g_hp the high-precision-backward gradients, g_q the quantized-backward ones
-    (same forward), one tensor per name. Reduces on the tensors' devices, then syncs once."""
+    (same forward), one tensor per name (tensor-parallel DTensors: their global tensors). Reduces on
+    the tensors' devices, then syncs once."""
     if not len(g_hp) == len(g_q) == len(names):
         raise ValueError(f"noise_ratio: {len(g_hp)} g_hp, {len(g_q)} g_q and {len(names)} names differ in number")
     if not names:
@@ -77,14 +103,14 @@ def noise_ratio(g_hp: Sequence[Tensor], g_q: Sequence[Tensor], names: Sequence[s
     for name, hp, q in zip(names, g_hp, g_q, strict=True):
         if hp.shape != q.shape:
             raise ValueError(f"noise_ratio: {name}: g_hp {tuple(hp.shape)} and g_q {tuple(q.shape)} differ in shape")
-        hp32 = hp.detach().float()
-        noise = q.detach().float() - hp32
+        hp32 = _local(hp).detach().float()
+        noise = _local(q).detach().float() - hp32
         # Norms in float32 (fine for a monitor, and every backend has it), squared later in float64.
         sums.append(torch.stack([torch.linalg.vector_norm(hp32), torch.linalg.vector_norm(noise)]).to(home))
-    norms = torch.stack(sums).cpu().double().tolist()  # the one host sync
-    grad_sq = [g * g for g, _ in norms]
-    noise_sq = [n * n for _, n in norms]
-    d = sum(t.numel() for t in g_hp)
+    squares = _squares(g_hp, torch.stack(sums)).tolist()  # the one host sync
+    grad_sq = [g for g, _ in squares]
+    noise_sq = [n for _, n in squares]
+    d = sum(t.numel() for t in g_hp)  # a DTensor's numel is its global tensor's
     total_g, total_n = math.fsum(grad_sq), math.fsum(noise_sq)
     return GradNoiseReport(
         ratio=_ratio(total_g, total_n),

@@ -11,7 +11,7 @@ precision/recipe.py), so the training loop holds no precision-specific code.
   `train.steps` instead).
 - The gradient-noise monitor (the sqrt(3) rule, precision/grad_noise.py) every
   `precision.grad_noise.every` steps, on the first micro-batch, on engines whose plain module gives
-  this rank's gradients (`check_engine`).
+  this rank's gradients (`check_engine`; tp shards are summed over the tp group in grad_noise.py).
 - Per-layer telemetry every `precision.telemetry_every` steps (precision/telemetry.py), with the
   SwiGLU alignment watch (precision/alignment.py): gate/up alignment and down-input outliers per
   layer, and a warning when a channel is both (`precision.alignment_watch`).

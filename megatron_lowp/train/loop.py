@@ -97,8 +97,7 @@ class Trainer:
         self.compile_watch = compile_blocks(model) if t.compile else None  # before checkpointing wraps the blocks
         apply_activation_checkpointing(model, t.activation_checkpointing)
         engine_name = cfg.parallel.engine
-        if cfg.parallel.tp > 1:  # the plain module's gradients are this rank's shards
-            capabilities = replace(capabilities, plain_module_gradients=False)
+        if cfg.parallel.tp > 1:  # (the gradient-noise monitor sums the plain module's tp shards itself)
             engine_name += f" with parallel.tp = {cfg.parallel.tp}"
         self.recipe.check_engine(engine_name, capabilities)
         self.notes += schedule_warnings(cfg.optim, t.steps) + self.recipe.drain()[1]  # e.g. a QAF that cannot fit
