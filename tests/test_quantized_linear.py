@@ -12,8 +12,8 @@ from megatron_lowp.errors import UserError
 from megatron_lowp.model import build_model
 from megatron_lowp.numerics import QuantizedTensor, SRGenerator, fake_quantize
 from megatron_lowp.precision import GemmSpecs, QuantizedLinear, QuantSpec, build_recipe, role_spec
-from megatron_lowp.precision.recipe import Linear
 from megatron_lowp.precision.quantized_linear import saved_operands
+from megatron_lowp.precision.recipe import Linear
 from megatron_lowp.train import train
 from tests.test_train import losses, small_cfg
 
