@@ -56,3 +56,16 @@ def test_eval_never_imports_train():
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.startswith('megatron_lowp.train')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_an_engine_without_the_monitor_says_so_once(tmp_path):
+    """precision.grad_noise.every on an engine whose module holds no whole gradients (fsdp, ZeRO):
+    one note instead of a silently missing grad_noise.jsonl."""
+    from megatron_lowp.parallel.engine import EngineCapabilities
+
+    trainer = Trainer(small_cfg(REPO, tmp_path, "precision.recipe=fp4", "precision.grad_noise.every=2",
+                                "train.checkpoint_every=0", "train.eval_every=0"))
+    assert not any("does not run on" in n for n in trainer.notes)  # single: the monitor runs
+    trainer.recipe.check_engine("fsdp", EngineCapabilities(plain_module_gradients=False))
+    notes = [n for n in trainer.recipe.drain()[1] if "does not run on" in n]
+    assert len(notes) == 1 and "precision.grad_noise.every = 2" in notes[0] and "fsdp" in notes[0]

@@ -100,6 +100,11 @@ class QuantizedLifecycle:
             raise UserError(f"precision.qaf.auto: the gradient-noise monitor needs an engine whose plain module gives "
                             f"this rank's gradients (single, ddp), not {engine}; start QAF by step, tokens or "
                             "fraction instead (precision.qaf.start_step / start_tokens / start_fraction)")
+        if self.settings and self.quantized and self.settings.grad_noise.every and not self._monitor_engine:
+            # said once, so a missing grad_noise.jsonl row is never a silent surprise
+            self._notes.append(f"precision.grad_noise.every = {self.settings.grad_noise.every}: the gradient-noise "
+                               f"monitor does not run on {engine} (its module holds no whole gradients); it runs on "
+                               "single and ddp, with or without parallel.tp")
 
     # --- per step -------------------------------------------------------------------------------
     def _qaf_reason(self, step: int, tokens: int) -> str | None:
