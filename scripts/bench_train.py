@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, trainer in trainers.items():
                 trainer.device.reset_peak_memory()
                 times[label].append(timed_steps(trainer, args.steps))
-                progress(f"round {i + 1}/{args.rounds}: {label} {times[label][-1]:.2f} s for {args.steps} steps")
+                progress(f"round {i + 1}/{args.rounds}: {label} {times[label][-1]:.2f} s per step (mean of {args.steps})")
                 peaks[label] = max(peaks[label], peak_memory(trainer))
             now = time.perf_counter()
             if args.time_limit is not None and i + 1 < args.rounds and now + (now - round_start) - started > args.time_limit:
