@@ -253,6 +253,9 @@ class DeviceConfig:
     # Intra-op CPU threads per process; null: OMP_NUM_THREADS if set, else the usable cores divided
     # among this node's ranks (megatron_lowp/device/threads.py)
     cpu_threads: int | None = bounded(None, ge=1)
+    # CPU tensors of this many KiB or more go back to the OS when freed (glibc's mmap threshold, fixed;
+    # 0: glibc's dynamic default, whose heap keeps a quantized step's freed buffers; device/cpu_malloc.py)
+    cpu_mmap_threshold_kib: int = bounded(64, ge=0, le=32768)
 
 
 @dataclass

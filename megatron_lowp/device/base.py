@@ -62,6 +62,11 @@ class Device:
         """Cut the lazy graph (Gaudi lazy mode); a no-op on eager devices."""
 
     # --- memory -------------------------------------------------------------------------------
+    def tune_host_allocator(self, mmap_threshold_kib: int | None) -> str | None:
+        """Set how host memory that holds this device's tensors is returned (the CPU's malloc); a
+        line for the log, or None. Accelerators keep their tensors in their own allocator."""
+        return None
+
     def memory_stats(self) -> dict[str, int]:
         """Bytes: `allocated`, `peak_allocated` (since the last reset) where the device tracks them."""
         raise NotImplementedError

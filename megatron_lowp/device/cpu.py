@@ -8,6 +8,7 @@ import sys
 import torch
 
 from megatron_lowp.device.base import Capabilities, Device
+from megatron_lowp.device.cpu_malloc import set_mmap_threshold
 
 
 class CPUDevice(Device):
@@ -33,3 +34,6 @@ class CPUDevice(Device):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
         return {"peak_rss": int(peak)}
+
+    def tune_host_allocator(self, mmap_threshold_kib: int | None) -> str | None:
+        return set_mmap_threshold(mmap_threshold_kib)

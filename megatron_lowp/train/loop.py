@@ -77,6 +77,7 @@ class Trainer:
         self.device: Device = get_device(cfg.device.type, index=local.local_rank, hpu_mode=cfg.device.hpu_mode)
         self.device.set_deterministic(cfg.device.deterministic)
         self.notes: list[str] = [set_cpu_threads(cfg.device.cpu_threads)]  # messages for the progress display
+        self.notes += filter(None, [self.device.tune_host_allocator(cfg.device.cpu_mmap_threshold_kib)])
         capabilities = engine_class(cfg.parallel.engine).capabilities
         check_tensor_parallel(cfg, local.world_size, capabilities)
         check_batch_split(cfg, local.world_size // cfg.parallel.tp)
