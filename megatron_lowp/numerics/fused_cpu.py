@@ -46,13 +46,13 @@ def _consts(fmt: FloatFormat) -> tuple:
 
 
 def _grid_magnitude(a: torch.Tensor, c: tuple, u: torch.Tensor | None) -> torch.Tensor:
-    """round_to_format(a) for float32 a >= 0 under format constants c (saturating; nearest-even, or
-    stochastic with uniforms u)."""
+    """round_to_format(a) for float32 a >= 0 (sign bit clear, NaN included) under format constants c
+    (saturating; nearest-even, or stochastic with uniforms u)."""
     maxv, min_exp, man = c[0], c[1], c[2]
     a = torch.clamp(a, max=maxv)
-    e = torch.clamp(((a.view(torch.int32) >> 23) & 0xFF) - 127, min=min_exp)
-    ulp = ((e - man + 127) << 23).view(torch.float32)
-    scaled = a * ((man - e + 127) << 23).view(torch.float32)  # exact: a / ulp
+    eb = torch.clamp(a.view(torch.int32) >> 23, min=min_exp + 127)  # biased exponent, the format's at least
+    ulp = ((eb - man) << 23).view(torch.float32)
+    scaled = a * ((254 + man - eb) << 23).view(torch.float32)  # exact: a / ulp
     if u is None:
         return torch.round(scaled) * ulp
     low = torch.floor(scaled)
@@ -60,12 +60,23 @@ def _grid_magnitude(a: torch.Tensor, c: tuple, u: torch.Tensor | None) -> torch.
 
 
 def _code(v: torch.Tensor, c: tuple) -> torch.Tensor:
-    """The unsigned code (int32) of grid magnitudes v >= 0: biased exponent and mantissa, or subnormal."""
+    """The unsigned code (int32) of grid magnitudes v >= 0: for normals the float32 exponent and top
+    mantissa bits, rebiased by one subtraction; subnormals are v / min subnormal."""
     man, bias, min_normal, inv_min_sub = c[2], c[3], c[4], c[5]
-    bits = v.view(torch.int32)
-    normal = ((((bits >> 23) & 0xFF) - 127 + bias) << man) | ((bits >> (23 - man)) & ((1 << man) - 1))
-    sub = (torch.clamp(v, max=min_normal) * inv_min_sub).to(torch.int32)
-    return torch.where(v >= min_normal, normal, sub)
+    normal = (v.view(torch.int32) >> (23 - man)) - ((127 - bias) << man)
+    return torch.where(v >= min_normal, normal, (v * inv_min_sub).to(torch.int32))
+
+
+def _with_sign(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """copysign(v, y) for v with a clear sign bit, as an OR of bits (inductor calls a library function
+    for copysign, and the call spills every vector register on each iteration)."""
+    return (v.view(torch.int32) | (y.view(torch.int32) & _SIGN32)).view(torch.float32)
+
+
+def _to_uint8(code: torch.Tensor) -> torch.Tensor:
+    """int32 values in [0, 255] as uint8, through float32 (exact): ATen's AVX2 vectors convert float
+    to uint8 in a few instructions but int32 to uint8 one element at a time."""
+    return code.to(torch.float32).to(torch.uint8)
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -78,19 +89,22 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
-def _uniform(sr: torch.Tensor, numel: int, device: torch.device) -> torch.Tensor:
-    """sr_random's uniforms for counters offset + 0 .. numel - 1, in int32 arithmetic (AVX2 has no
-    64-bit multiply: 3x faster than the int64 form). sr = (offset low word, offset high word, k0, k1)
-    as int32; numel < 2^31."""
-    lo = torch.arange(numel, dtype=torch.int32, device=device) + sr[0]  # counter mod 2^32 (wraps)
-    carry = ((lo ^ _SIGN32) < (sr[0] ^ _SIGN32)).to(torch.int32)  # unsigned lo < offset low: wrapped
-    h = _fmix32(_fmix32(lo ^ sr[2]) + (sr[1] + carry) + sr[3])
+def _uniform(sr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sr_random's uniforms for counters offset + idx (int32 idx in [0, 2^31)), in int32 arithmetic
+    (AVX2 has no 64-bit multiply: 3x faster than the int64 form). sr = sr_words(...): the offset's low
+    word, the idx from which offset + idx carries into the high word, and two precomputed keys."""
+    carry = (idx >= sr[1]).to(torch.int32)
+    h = _fmix32(_fmix32((idx + sr[0]) ^ sr[2]) + (sr[3] + carry))  # + wraps mod 2^32, as the counter does
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
 def sr_words(offset: int, k0: int, k1: int) -> tuple[int, int, int, int]:
-    """(offset low word, offset high word, k0, k1) as signed 32-bit integers, for _uniform."""
-    return tuple(v - (1 << 32) if v >= (1 << 31) else v for v in (offset & _MASK32, offset >> 32 & _MASK32, k0, k1))
+    """The four int32 words _uniform reads for a generator at `offset` with keys (k0, k1): the offset's
+    low word; the first idx whose counter carries into the high word (2^31 - 1, past every idx, when
+    none does); k0; and high word + k1 mod 2^32."""
+    lo, hi = offset & _MASK32, offset >> 32 & _MASK32
+    words = (lo, min((1 << 32) - lo, (1 << 31) - 1), k0, (hi + k1) & _MASK32)
+    return tuple(v - (1 << 32) if v >= (1 << 31) else v for v in words)
 
 
 def _scale_from_amax(a: torch.Tensor, fmt_max: float, power_of_two: bool) -> torch.Tensor:
@@ -119,54 +133,96 @@ def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: tor
         amax = x32.abs().amax()
         s = _scale_from_amax(amax, c[0], power_of_two) if scale is None else scale
         y = x32 * s
-        u = None if sr is None else _uniform(sr, x32.numel(), x32.device).view(x32.shape)
+        u = None if sr is None else _uniform(sr, _iota(x32.shape, x32.device))
         v = _grid_magnitude(y.abs(), c, u)
         if codes:
-            return (_code(v, c) | ((y.view(torch.int32) >> 24) & 0x80)).to(torch.uint8), s, amax
-        return (torch.copysign(v, y) / s).to(out_dtype), s, amax
+            return _to_uint8(_code(v, c) | ((y.view(torch.int32) >> 24) & 0x80)), s, amax
+        return (_with_sign(v, y) / s).to(out_dtype), s, amax
 
     return fp8
 
 
-def _nvfp4_graph(axis: int, bs: int, tile: bool, scale_off: bool, codes: bool, out_dtype: torch.dtype) -> Callable:
+def _iota(shape, device: torch.device) -> torch.Tensor:
+    """Each element's row-major index in a tensor of `shape`, int32 (the SR counter offset)."""
+    return torch.arange(math.prod(shape), dtype=torch.int32, device=device).view(shape)
+
+
+def _halves(xv: torch.Tensor, words: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The even and odd elements along the block dim (2) of a blocked view, as float32, each
+    (pre, nb, bs / 2, post). With words, xv holds each pair in one 64-bit (float32 pairs) or 32-bit
+    (bfloat16 pairs) word, little-endian, so both halves come from contiguous loads (inductor does
+    not vectorize the stride-2 loads of xv[:, :, 0::2] along the last dim)."""
+    if words is None:
+        return xv[:, :, 0::2].to(torch.float32), xv[:, :, 1::2].to(torch.float32)
+    if words == torch.float64:
+        w = xv.view(torch.int64)
+        lo, hi = w.to(torch.int32), (w >> 32).to(torch.int32)  # int64 -> int32 keeps the low word
+    else:
+        lo, hi = xv << 16, xv & -65536  # a bfloat16 is the top half of a float32
+    return lo.view(torch.float32).unsqueeze(-1), hi.view(torch.float32).unsqueeze(-1)
+
+
+def _tile_max(bmax: torch.Tensor, bs: int) -> torch.Tensor:
+    """Block maxima (pre, nb, 1, post) of a 2-D x, maximized over bs x bs tiles and repeated per block:
+    over bs consecutive rows (pre) when the blocks run along rows (post == 1), else bs columns (post)."""
+    pre, nb, _, post = bmax.shape
+    if post == 1:
+        torch._check(pre % bs == 0)
+        t = bmax.reshape(pre // bs, bs, nb).amax(1, keepdim=True).expand(pre // bs, bs, nb)
+    else:
+        torch._check(post % bs == 0)
+        t = bmax.reshape(nb, post // bs, bs).amax(2, keepdim=True).expand(nb, post // bs, bs)
+    return t.reshape(bmax.shape)
+
+
+def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch.dtype | None,
+                 out_dtype: torch.dtype) -> Callable:
     e2m1, e4m3 = _consts(E2M1), _consts(E4M3)
 
-    def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None):
-        """NVFP4 (decode convention) with blocks of bs along axis (with tile, 2-D x in bs x bs tiles,
-        whichever axis). Returns x dequantized in out_dtype, or (packed E2M1 codes, E4M3 scale codes) in
-        the stored layout (block axis last); then S and amax(|x|)."""
-        # the callers checked that bs divides the block axis (and, with tile, the other one); said here,
-        # inductor knows the (pre, nb, bs, post) view is x itself and writes the result in place of a copy
-        torch._check(x.shape[axis] % bs == 0)
+    def nvfp4(xv: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None):
+        """NVFP4 (decode convention) of x's blocked view xv = (pre, nb, bs, post) (with words,
+        (pre, nb, bs / 2) words of two elements, see _halves). Returns x dequantized in xv's shape and
+        out_dtype, or (packed E2M1 codes (pre, post, nb * bs / 2), E4M3 scale codes (pre, post, nb)),
+        then S and amax(|x|)."""
+        torch._check(xv.shape[2] == (bs if words is None else bs // 2))  # a constant of the graph
+        if codes:  # E2M1 codes go two to a byte: the even and odd elements are quantized side by side
+            parts = _halves(xv, words)
+            post = parts[0].shape[3]
+            idx = _iota((*parts[0].shape[:2], bs // 2, 2, post), xv.device)[:, :, :, 0]
+        else:
+            parts = (xv.to(torch.float32),)
+            post = xv.shape[3]
+            idx = _iota(xv.shape, xv.device)
+        bmax = functools.reduce(torch.maximum, [p.abs().amax(dim=2, keepdim=True) for p in parts])
         if tile:
-            torch._check(x.shape[1 - axis] % bs == 0)
-        pre, nb, post = x.shape[:axis].numel(), x.shape[axis] // bs, x.shape[axis + 1:].numel()
-        x32 = x.to(torch.float32)
-        amax = x32.abs().amax()
+            bmax = _tile_max(bmax, bs)
+        amax = bmax.amax()
         if scale_off:
-            S = torch.ones((), dtype=torch.float32, device=x.device)
+            S = torch.ones((), dtype=torch.float32, device=xv.device)
         else:
             top = amax if tensor_amax is None else tensor_amax
             S = torch.clamp(NVFP4_GLOBAL / top, max=_F32_MAX)
             S = torch.where((top > 0) & (S > 0), S, torch.ones_like(S))
-        # a contiguous view of x in which one scale covers each slice along dims 1 and 3 (tile) or 2
-        view = (x.shape[0] // bs, bs, x.shape[1] // bs, bs) if tile else (pre, nb, bs, post)
-        xv = x32.reshape(view)
-        bmax = xv.abs().amax(dim=(1, 3) if tile else 2, keepdim=True)
         d = _grid_magnitude((bmax / e2m1[0]) * S, e4m3, None)
         e = torch.where(d > 0, S / d, torch.zeros_like(d))
-        y = xv * e
-        u = None if sr is None else _uniform(sr, x32.numel(), x32.device).view(view)
-        v = _grid_magnitude(y.abs(), e2m1, u)
-        if not codes:
-            return ((torch.copysign(v, y) * d) / S).reshape(x.shape).to(out_dtype), S, amax
-        q = (_code(v, e2m1) | ((y.view(torch.int32) >> 28) & 0x8)).reshape(pre, nb, bs, post)
-        q = q.permute(0, 3, 1, 2).reshape(pre, post, nb, bs // 2, 2)  # the stored layout: block axis last
-        packed = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8).reshape(pre, post, nb * bs // 2)
-        d_blocks = d.expand(view).reshape(pre, nb, bs, post)[:, :, 0, :]
-        return (packed, _code(d_blocks, e4m3).to(torch.uint8).permute(0, 2, 1)), S, amax
+        out = []
+        for k, part in enumerate(parts):  # the odd elements' counters are post past the even ones'
+            y = part * e
+            v = _grid_magnitude(y.abs(), e2m1, None if sr is None else _uniform(sr, idx + k * post))
+            if not codes:
+                return ((_with_sign(v, y) * d) / S).to(out_dtype), S, amax
+            out.append(_code(v, e2m1) | ((y.view(torch.int32) >> 28) & 0x8))
+        packed = _to_uint8(out[0] | (out[1] << 4)).permute(0, 3, 1, 2)  # the stored layout: block axis last
+        scales = _to_uint8(_code(d, e4m3)).permute(0, 3, 1, 2)
+        return (packed.reshape(packed.shape[0], post, -1), scales.reshape(packed.shape[0], post, -1)), S, amax
 
     return nvfp4
+
+
+# Inductor stores an intermediate that several expressions read once its expression exceeds 50 ops
+# on the CPU; the SR hash alone has ~45, so without this the rounding's bool mask went through a
+# scalar byte store per element (NVFP4 stochastic fake-quantize ran 4x slower than with this).
+_INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 1 << 16}
 
 
 @functools.cache
@@ -177,7 +233,7 @@ def _compiled(factory: Callable, *static) -> Callable:
     name = f"{fn.__name__}_{abs(hash(static)):x}"
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
 
 
 def _run(factory: Callable, static: tuple, *args):
@@ -197,10 +253,20 @@ def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *,
 
 def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None, *, axis: int, block_size: int,
           tile: bool, scale_off: bool, codes: bool, out_dtype: torch.dtype):
-    """NVFP4 of x with blocks along axis (>= 0); tensor_amax (0-d) for a fixed tensor scale, None for the
-    current amax (or scale_off). Returns (x dequantized | (packed codes (pre, post, n/2), E4M3 scale codes
-    (pre, post, n_blocks)) with pre/post the sizes before/after axis), S, amax."""
-    return _run(_nvfp4_graph, (axis, block_size, tile, scale_off, codes, out_dtype), x, tensor_amax, sr)
+    """NVFP4 of contiguous x with blocks along axis (>= 0, block_size dividing it; with tile, 2-D x in
+    block_size squares); tensor_amax (0-d) for a fixed tensor scale, None for the current amax (or
+    scale_off). Returns (x dequantized | (packed codes (pre, post, n/2), E4M3 scale codes (pre, post,
+    n_blocks)) with pre/post the sizes before/after axis), S, amax."""
+    pre, post = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    # views, not copies: the graph then has no reshape to prove free (it copied x's worth when it had)
+    xv = x.view(pre, x.shape[axis] // block_size, block_size, post)
+    words = None
+    if codes and post == 1:  # neighbours share a byte: read them as one word (see _halves)
+        x = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        words = torch.float64 if x.dtype == torch.float32 else torch.int32
+        xv = x.reshape(-1).view(words).view(pre, -1, block_size // 2)
+    out, S, amax = _run(_nvfp4_graph, (block_size, tile, scale_off, codes, words, out_dtype), xv, tensor_amax, sr)
+    return (out if codes else out.view(x.shape)), S, amax
 
 
 def _decode(code: torch.Tensor, c: tuple, mag_mask: int, special: int | None) -> torch.Tensor:
