@@ -179,21 +179,23 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
                  out_dtype: torch.dtype) -> Callable:
     e2m1, e4m3 = _consts(E2M1), _consts(E4M3)
 
-    def nvfp4(xv: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None):
-        """NVFP4 (decode convention) of x's blocked view xv = (pre, nb, bs, post) (with words,
-        (pre, nb, bs / 2) words of two elements, see _halves). Returns x dequantized in xv's shape and
-        out_dtype, or (packed E2M1 codes (pre, post, nb * bs / 2), E4M3 scale codes (pre, post, nb)),
-        then S and amax(|x|)."""
-        torch._check(xv.shape[2] == (bs if words is None else bs // 2))  # a constant of the graph
+    def nvfp4(xv: torch.Tensor, xw: torch.Tensor | None, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None):
+        """NVFP4 (decode convention) of x's blocked view xv = (pre, nb, bs, post); with words, xw is x
+        again as (pre, nb, bs / 2) words of two elements (see _halves). Returns x dequantized in xv's
+        shape and out_dtype, or (packed E2M1 codes (pre, post, nb * bs / 2), E4M3 scale codes (pre, post,
+        nb)), then S and amax(|x|)."""
+        torch._check(xv.shape[2] == bs)  # a constant of the graph
         if codes:  # E2M1 codes go two to a byte: the even and odd elements are quantized side by side
-            parts = _halves(xv, words)
+            if words is not None:
+                torch._check(xw.shape[2] == bs // 2)
+            parts = _halves(xv if words is None else xw, words)
             post = parts[0].shape[3]
             idx = _iota((*parts[0].shape[:2], bs // 2, 2, post), xv.device)[:, :, :, 0]
         else:
             parts = (xv.to(torch.float32),)
             post = xv.shape[3]
             idx = _iota(xv.shape, xv.device)
-        bmax = functools.reduce(torch.maximum, [p.abs().amax(dim=2, keepdim=True) for p in parts])
+        bmax = xv.abs().amax(dim=2, keepdim=True).to(torch.float32)  # from contiguous loads, whatever the parts
         if tile:
             bmax = _tile_max(bmax, bs)
         amax = bmax.amax()
@@ -260,12 +262,14 @@ def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | 
     pre, post = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
     # views, not copies: the graph then has no reshape to prove free (it copied x's worth when it had)
     xv = x.view(pre, x.shape[axis] // block_size, block_size, post)
-    words = None
+    words = xw = None
     if codes and post == 1:  # neighbours share a byte: read them as one word (see _halves)
-        x = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+            xv = x.view(xv.shape)
         words = torch.float64 if x.dtype == torch.float32 else torch.int32
-        xv = x.reshape(-1).view(words).view(pre, -1, block_size // 2)
-    out, S, amax = _run(_nvfp4_graph, (block_size, tile, scale_off, codes, words, out_dtype), xv, tensor_amax, sr)
+        xw = x.reshape(-1).view(words).view(pre, -1, block_size // 2)
+    out, S, amax = _run(_nvfp4_graph, (block_size, tile, scale_off, codes, words, out_dtype), xv, xw, tensor_amax, sr)
     return (out if codes else out.view(x.shape)), S, amax
 
 
