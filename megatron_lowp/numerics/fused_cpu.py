@@ -89,12 +89,16 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
-def _uniform(sr: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """sr_random's uniforms for counters offset + idx (int32 idx in [0, 2^31)), in int32 arithmetic
-    (AVX2 has no 64-bit multiply: 3x faster than the int64 form). sr = sr_words(...): the offset's low
-    word, the idx from which offset + idx carries into the high word, and two precomputed keys."""
-    carry = (idx >= sr[1]).to(torch.int32)
-    h = _fmix32(_fmix32((idx + sr[0]) ^ sr[2]) + (sr[3] + carry))  # + wraps mod 2^32, as the counter does
+def _uniform(sr: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sr_random's uniforms for counters offset + outer + inner (idx = (outer, inner), broadcastable
+    int32 with sums in [0, 2^31)), in int32 arithmetic (AVX2 has no 64-bit multiply: 3x faster than
+    the int64 form). sr = sr_words(...): the offset's low word, the idx from which offset + idx
+    carries into the high word, and two precomputed keys. The outer term meets sr's words before
+    the inner one, so inductor keeps it a per-row scalar and the inner one a constant vector."""
+    outer, inner = idx
+    carry = (inner >= (sr[1] - outer)).to(torch.int32)
+    lo = (outer + sr[0]) + inner  # wraps mod 2^32, as the counter's low word does
+    h = _fmix32(_fmix32(lo ^ sr[2]) + (sr[3] + carry))
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
@@ -124,16 +128,20 @@ def _scale_from_amax(a: torch.Tensor, fmt_max: float, power_of_two: bool) -> tor
     return torch.where(a > 0, s, torch.ones_like(s))
 
 
-def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: torch.dtype) -> Callable:
+def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: torch.dtype, rows: bool) -> Callable:
     c = _consts(fmt)
 
     def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None):
-        """Per-tensor FP8: (x dequantized in out_dtype, or uint8 codes), the scale, amax(|x|)."""
+        """Per-tensor FP8 (with rows, x viewed as rows of 16): (x dequantized in out_dtype, or uint8
+        codes) in x's shape, the scale, amax(|x|)."""
+        if rows:
+            torch._check(x.shape[1] == 16)  # a constant of the graph: SR counters row * 16 + a constant vector
         x32 = x.to(torch.float32)
         amax = x32.abs().amax()
         s = _scale_from_amax(amax, c[0], power_of_two) if scale is None else scale
         y = x32 * s
-        u = None if sr is None else _uniform(sr, _iota(x32.shape, x32.device))
+        cut = 1 if rows else 0
+        u = None if sr is None else _uniform(sr, _counters(x32.shape[:cut], x32.shape[cut:], x32.device))
         v = _grid_magnitude(y.abs(), c, u)
         if codes:
             return _to_uint8(_code(v, c) | ((y.view(torch.int32) >> 24) & 0x80)), s, amax
@@ -142,9 +150,12 @@ def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: tor
     return fp8
 
 
-def _iota(shape, device: torch.device) -> torch.Tensor:
-    """Each element's row-major index in a tensor of `shape`, int32 (the SR counter offset)."""
-    return torch.arange(math.prod(shape), dtype=torch.int32, device=device).view(shape)
+def _counters(outer: tuple, inner: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's row-major index (the SR counter offset) in a tensor of shape outer + inner, as
+    the pair (outer index * inner size, inner index) of int32 tensors that broadcast to that shape."""
+    n = math.prod(inner)
+    o = torch.arange(math.prod(outer), dtype=torch.int32, device=device).view(*outer, *[1] * len(inner)) * n
+    return o, torch.arange(n, dtype=torch.int32, device=device).view(*[1] * len(outer), *inner)
 
 
 def _halves(xv: torch.Tensor, words: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,11 +201,12 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
                 torch._check(xw.shape[2] == bs // 2)
             parts = _halves(xv if words is None else xw, words)
             post = parts[0].shape[3]
-            idx = _iota((*parts[0].shape[:2], bs // 2, 2, post), xv.device)[:, :, :, 0]
+            outer, inner = _counters(parts[0].shape[:2], (bs // 2, 2, post), xv.device)
+            idx = outer[:, :, :, 0], inner[:, :, :, 0]
         else:
             parts = (xv.to(torch.float32),)
             post = xv.shape[3]
-            idx = _iota(xv.shape, xv.device)
+            idx = _counters(xv.shape[:2], (bs, post), xv.device)
         bmax = xv.abs().amax(dim=2, keepdim=True).to(torch.float32)  # from contiguous loads, whatever the parts
         if tile:
             bmax = _tile_max(bmax, bs)
@@ -210,9 +222,9 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
         out = []
         for k, part in enumerate(parts):  # the odd elements' counters are post past the even ones'
             y = part * e
-            v = _grid_magnitude(y.abs(), e2m1, None if sr is None else _uniform(sr, idx + k * post))
-            if not codes:
-                return ((_with_sign(v, y) * d) / S).to(out_dtype), S, amax
+            v = _grid_magnitude(y.abs(), e2m1, None if sr is None else _uniform(sr, (idx[0], idx[1] + k * post)))
+            if not codes:  # e and d returned too: stored once per block, not recomputed per vector of 8
+                return ((_with_sign(v, y) * d) / S).to(out_dtype), S, amax, e, d
             out.append(_code(v, e2m1) | ((y.view(torch.int32) >> 28) & 0x8))
         packed = _to_uint8(out[0] | (out[1] << 4)).permute(0, 3, 1, 2)  # the stored layout: block axis last
         scales = _to_uint8(_code(d, e4m3)).permute(0, 3, 1, 2)
@@ -250,7 +262,9 @@ def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *,
         power_of_two: bool, codes: bool, out_dtype: torch.dtype):
     """Per-tensor FP8 of x: given scale (0-d float32) or None for current scaling; sr = sr_words(offset,
     k0, k1) as int32, or None for round-to-nearest. Returns (x dequantized, or uint8 codes in x's shape), s, amax."""
-    return _run(_fp8_graph, (fmt, power_of_two, codes, out_dtype), x, scale, sr)
+    rows = sr is not None and x.numel() % 16 == 0
+    out, s, amax = _run(_fp8_graph, (fmt, power_of_two, codes, out_dtype, rows), x.view(-1, 16) if rows else x, scale, sr)
+    return out.view(x.shape), s, amax
 
 
 def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None, *, axis: int, block_size: int,
@@ -269,7 +283,7 @@ def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | 
             xv = x.view(xv.shape)
         words = torch.float64 if x.dtype == torch.float32 else torch.int32
         xw = x.reshape(-1).view(words).view(pre, -1, block_size // 2)
-    out, S, amax = _run(_nvfp4_graph, (block_size, tile, scale_off, codes, words, out_dtype), xv, xw, tensor_amax, sr)
+    out, S, amax, *_ = _run(_nvfp4_graph, (block_size, tile, scale_off, codes, words, out_dtype), xv, xw, tensor_amax, sr)
     return (out if codes else out.view(x.shape)), S, amax
 
 
@@ -318,7 +332,7 @@ def _nvfp4_dequant_graph(bs: int, out_dtype: torch.dtype) -> Callable:
 
 # the uncompiled graphs, for tests that compare a compiled graph with its own source
 def eager_fp8(x, scale, sr, *, fmt, power_of_two, codes, out_dtype):
-    return _fp8_graph(fmt, power_of_two, codes, out_dtype)(x, scale, sr)
+    return _fp8_graph(fmt, power_of_two, codes, out_dtype, False)(x, scale, sr)
 
 
 _FP8_SPECIAL = {torch.float8_e4m3fn: (E4M3, 0x7F), torch.float8_e5m2: (E5M2, 0x7C)}
