@@ -274,6 +274,9 @@ def test_dequantize_backend_choice():
     assert fused_dispatch.dequantize_backend(big, "auto") == "inductor"
     small = quantize(torch.randn(16, 32), "nvfp4")
     assert fused_dispatch.dequantize_backend(small, "auto") == "torch"
+    e5m2 = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "fp8_e5m2")
+    assert fused_dispatch.dequantize_backend(e5m2, "auto") == "torch"  # torch's E5M2 cast is the faster
+    assert fused_dispatch.dequantize_backend(e5m2, "inductor") == "inductor"
     channel = quantize(torch.randn(16, 32), "fp8_e4m3", scaling="channel")
     with pytest.raises(UserError, match="cannot dequantize this fp8_e4m3 tensor: only a per-tensor"):
         channel.dequantize(backend="inductor")

@@ -194,7 +194,7 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
         """NVFP4 (decode convention) of x's blocked view xv = (pre, nb, bs, post); with words, xw is x
         again as (pre, nb, bs / 2) words of two elements (see _halves). Returns x dequantized in xv's
         shape and out_dtype, or (packed E2M1 codes (pre, post, nb * bs / 2), E4M3 scale codes (pre, post,
-        nb)), then S and amax(|x|)."""
+        nb)), then S, amax(|x|), e and d."""
         torch._check(xv.shape[2] == bs)  # a constant of the graph
         if codes:  # E2M1 codes go two to a byte: the even and odd elements are quantized side by side
             if words is not None:
@@ -219,16 +219,19 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
             S = torch.where((top > 0) & (S > 0), S, torch.ones_like(S))
         d = _grid_magnitude((bmax / e2m1[0]) * S, e4m3, None)
         e = torch.where(d > 0, S / d, torch.zeros_like(d))
+        # e and d are returned as well, only so that inductor stores them in a loop over blocks: inlined,
+        # their scalar chain (two divisions, an E4M3 rounding) ran for every vector of 8 elements
         out = []
         for k, part in enumerate(parts):  # the odd elements' counters are post past the even ones'
             y = part * e
             v = _grid_magnitude(y.abs(), e2m1, None if sr is None else _uniform(sr, (idx[0], idx[1] + k * post)))
-            if not codes:  # e and d returned too: stored once per block, not recomputed per vector of 8
+            if not codes:
                 return ((_with_sign(v, y) * d) / S).to(out_dtype), S, amax, e, d
             out.append(_code(v, e2m1) | ((y.view(torch.int32) >> 28) & 0x8))
         packed = _to_uint8(out[0] | (out[1] << 4)).permute(0, 3, 1, 2)  # the stored layout: block axis last
         scales = _to_uint8(_code(d, e4m3)).permute(0, 3, 1, 2)
-        return (packed.reshape(packed.shape[0], post, -1), scales.reshape(packed.shape[0], post, -1)), S, amax
+        pre = packed.shape[0]
+        return (packed.reshape(pre, post, -1), scales.reshape(pre, post, -1)), S, amax, e, d
 
     return nvfp4
 
@@ -278,8 +281,8 @@ def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | 
     xv = x.view(pre, x.shape[axis] // block_size, block_size, post)
     words = xw = None
     if codes and post == 1:  # neighbours share a byte: read them as one word (see _halves)
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            x = x.float()
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.storage_offset() % 2:
+            x = x.float() if x.dtype == torch.float16 else x.clone()  # words must start at a pair
             xv = x.view(xv.shape)
         words = torch.float64 if x.dtype == torch.float32 else torch.int32
         xw = x.reshape(-1).view(words).view(pre, -1, block_size // 2)
