@@ -96,7 +96,7 @@ def bench_operands(device, shapes: list[tuple[int, int]], dtype: torch.dtype, re
                      "seconds": copy_med, "best_seconds": copy_best, "copy_seconds": copy_med,
                      "pct_of_copy": 100.0, "best_pct_of_copy": 100.0})
 
-        def row(op, fmt, rounding, backend, fn):
+        def row(op, fmt, rounding, backend, fn, copy=copy, size=size):
             med, best, c_med, c_best = timed_with_copy(fn, copy, device, repeats)
             rows.append({"shape": size, "op": op, "fmt": fmt, "rounding": rounding, "backend": backend,
                          "seconds": med, "best_seconds": best, "copy_seconds": c_med,

@@ -19,7 +19,7 @@ import torch
 
 from megatron_lowp.device.kernels import triton_kernels_usable
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import blocks, cpu_compile, fused_cpu, scaling
+from megatron_lowp.numerics import blocks, cpu_compile, cpu_sr, fused_cpu, scaling
 from megatron_lowp.numerics.formats import TORCH_DTYPES, FloatFormat
 from megatron_lowp.numerics.number_format import (
     NumberFormat,
@@ -96,7 +96,7 @@ def _sr_tensor(rounding: str, generator: SRGenerator | None, device: torch.devic
     if rounding != "stochastic":
         return None
     gen = default_generator() if generator is None else generator
-    return torch.tensor(fused_cpu.sr_words(gen.offset, *_keys(gen.seed)), dtype=torch.int32, device=device)
+    return torch.tensor(cpu_sr.sr_words(gen.offset, *_keys(gen.seed)), dtype=torch.int32, device=device)
 
 
 def _advance(rounding: str, generator: SRGenerator | None, numel: int) -> None:
