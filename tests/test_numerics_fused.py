@@ -135,11 +135,52 @@ def nvfp4_data(shape, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("rounding,axis", [("stochastic", 0), SLOW("stochastic", -1), SLOW("nearest", 0),
-                                           SLOW("nearest", -1)])
-def test_nvfp4_along_either_axis(rounding, axis):
-    x = nvfp4_data((48, 64), seed=4)
+@pytest.mark.parametrize("rounding,axis,dtype", [
+    ("stochastic", 0, torch.float32),  # blocks across rows: neighbours in a byte are two rows
+    ("nearest", -1, torch.bfloat16),  # along rows: neighbours read as one 32-bit word
+    SLOW("stochastic", -1, torch.float32),  # ... one 64-bit word
+    SLOW("nearest", 0, torch.float32),
+    SLOW("stochastic", -1, torch.float16),  # converted to float32 words
+    SLOW("stochastic", 0, torch.bfloat16),
+])
+def test_nvfp4_along_either_axis(rounding, axis, dtype):
+    x = nvfp4_data((48, 64), seed=4).to(dtype)
     assert_both_paths_match(x, "nvfp4", rounding, axis=axis)
+
+
+def e2m1_table() -> torch.Tensor:
+    """Every E2M1 grid value, midpoint (ties to even) and one float32 ulp either side of it, values
+    past 6 and -0, with both signs, in blocks of 16 that each hold a 6: with the outlier 2688 in the
+    last block, S = 1 and every other block's d is 1, so the elements reach the rounding unscaled."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                      torch.tensor([6.5, 7.0, 100.0, 0.1, 1e-30])])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    vals = torch.cat([vals, torch.zeros(-len(vals) % 15)]).view(-1, 15)
+    blocks = torch.cat([torch.full((len(vals), 1), 6.0), vals], dim=1)
+    outlier = torch.zeros(1, 16)
+    outlier[0, 5] = 2688.0
+    return torch.cat([blocks, outlier]).reshape(-1, 32)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_every_e2m1_point_midpoint_and_neighbour(rounding):
+    x = e2m1_table()
+    assert_both_paths_match(x, "nvfp4", rounding)
+    q = quantize(x, "nvfp4", rounding=rounding, backend="inductor")
+    nibbles = torch.cat([q.data & 0xF, q.data >> 4]).unique()
+    assert nibbles.numel() == 16 and float(q.tensor_scale) == 1.0  # every code, unscaled
+
+
+def test_nvfp4_words_from_an_odd_storage_offset():
+    """A contiguous view that starts between two words (it is copied first) gives the same bits."""
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.cat([torch.ones(1), nvfp4_data((16, 32), seed=8).reshape(-1)]).to(dtype)
+        x = base[1:].view(16, 32)
+        assert x.storage_offset() == 1
+        ref, got = both(quantize, x, "nvfp4", "stochastic")
+        assert_same_qt(got, ref)
 
 
 @pytest.mark.slow
@@ -187,6 +228,16 @@ def test_sr_stream_continues_across_calls_and_backends():
         assert_same_qt(quantize(x1, fmt, rounding="stochastic", generator=g_mix, backend="inductor"), r1)
         assert_same_qt(quantize(x2, fmt, rounding="stochastic", generator=g_mix, backend="torch"), r2)
         assert g_mix.state_dict() == g_ref.state_dict() == {"seed": 2**40 + 3, "offset": 17 + x1.numel() + x2.numel()}
+
+
+@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**33 + 7, 2**62 + 3])
+def test_sr_counters_at_word_boundaries(offset):
+    """The counter's low word wrapping inside a call, a high word past 2^31 after adding k1, and both
+    FP8 layouts (rows of 16, and a size 16 does not divide: one flat row)."""
+    for x, fmt in ((wide((8, 16), seed=12), "fp8_e5m2"), (wide((7, 13), seed=13), "fp8_e5m2"),
+                   (nvfp4_data((4, 32), seed=14), "nvfp4")):
+        ref, got = both(quantize, x, fmt, "stochastic", gen_state=(2**40 + 9, offset))
+        assert_same_qt(got, ref)
 
 
 def test_auto_uses_inductor_for_large_cpu_tensors_only(monkeypatch):
