@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import SRGenerator, cpu_compile, fake_quantize, fused_cpu, fused_dispatch, quantize
+from megatron_lowp.numerics import (
+    SRGenerator,
+    cpu_compile,
+    cpu_sr,
+    fake_quantize,
+    fused_cpu,
+    fused_dispatch,
+    quantize,
+    sr_random,
+)
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
@@ -183,11 +192,16 @@ def test_nvfp4_words_from_an_odd_storage_offset():
         assert_same_qt(got, ref)
 
 
+@pytest.mark.parametrize("axis", [-1, SLOW(0)])
+def test_nvfp4_tiles(axis):
+    """16 x 16 tiles (one scale per tile, stored per block), whichever axis the blocks run along; the
+    data's block maxima differ within each tile."""
+    assert_both_paths_match(nvfp4_data((32, 48), seed=5), "nvfp4", "nearest", axis=axis, tile=True)
+
+
 @pytest.mark.slow
-def test_nvfp4_tiles_fixed_and_off_tensor_scales_and_other_blocks():
+def test_nvfp4_fixed_and_off_tensor_scales_and_other_blocks():
     x = nvfp4_data((32, 48), seed=5)
-    for axis in (-1, 0):  # 16 x 16 tiles, whichever axis the blocks run along
-        assert_both_paths_match(x, "nvfp4", "nearest", axis=axis, tile=True)
     assert_both_paths_match(x, "nvfp4", "stochastic", tensor_scale="fixed", tensor_amax=3.0)
     assert_both_paths_match(x / 64, "nvfp4", "nearest", tensor_scale="off")
     assert_both_paths_match(nvfp4_data((16, 64), seed=7).to(torch.bfloat16), "nvfp4", "nearest", block_size=32)
@@ -228,6 +242,21 @@ def test_sr_stream_continues_across_calls_and_backends():
         assert_same_qt(quantize(x1, fmt, rounding="stochastic", generator=g_mix, backend="inductor"), r1)
         assert_same_qt(quantize(x2, fmt, rounding="stochastic", generator=g_mix, backend="torch"), r2)
         assert g_mix.state_dict() == g_ref.state_dict() == {"seed": 2**40 + 3, "offset": 17 + x1.numel() + x2.numel()}
+
+
+def test_int32_hash_draws_the_reference_uniforms():
+    """cpu_sr's int32 hash, eager and compiled, gives sr_random's uniforms bit for bit, every one (a
+    quantized result hides most single-draw errors): counters whose low word wraps inside the draw,
+    a high word past 2^31 once k1 is added, rows of 16 and a flat layout."""
+    seed = 2**40 + 9
+    compiled = torch.compile(cpu_sr.uniform, dynamic=True)
+    for offset in (0, 2**32 - 5, 2**32 - 64, 2**33 + 7, 2**62 + 3):
+        sr = torch.tensor(cpu_sr.sr_words(offset, *sr_random._keys(seed)), dtype=torch.int32)
+        for outer, inner in (((6,), (16,)), ((), (7, 13))):
+            ref = sr_random.uniform(seed, offset, outer + inner)
+            idx = cpu_sr.counters(outer, inner, torch.device("cpu"))
+            for fn in (cpu_sr.uniform, compiled):
+                assert torch.equal(bits(fn(sr, idx)), bits(ref)), (offset, outer, inner)
 
 
 @pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**33 + 7, 2**62 + 3])
