@@ -12,9 +12,10 @@ bytes read (the BF16 input) plus bytes written (FP8 codes, or packed E2M1 codes 
 
 The operand table times each quantizer at the shapes of GEMM operands (--shapes, --dtype), on the
 torch reference and on the fused path ``backend="auto"`` picks (inductor on the CPU, Triton on CUDA),
-as a share of a copy of the same tensor timed in the same loop: fake_quantize (read x, write x's dtype;
-what emulated GEMMs consume), quantize (read x, write the packed codes and scales) and dequantize (read
-the packed form, write x's dtype: what backward does with a saved operand; auto = inductor on the CPU). --profile
+as a share of a copy of the same tensor timed alternately with it, repeat by repeat: fake_quantize
+(read x, write x's dtype; what emulated GEMMs consume), quantize (read x, write the packed codes and
+scales) and dequantize (read the packed form, write x's dtype: what backward does with a saved
+operand; auto = inductor on the CPU, except E5M2 whose torch cast is faster). --profile
 prints torch.profiler's operator table for one NVFP4 and one FP8 fake_quantize, reference and fused.
 Timings are medians over --repeats (the best repeat is kept too: on a shared machine it is the one
 least disturbed).
@@ -70,31 +71,47 @@ def timed_pair(fn, device, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def timed_with_copy(fn, copy, device, repeats: int) -> tuple[float, float, float, float]:
+    """(median, best) seconds of fn() and of copy(), timed alternately in the same repeats: the share
+    of a copy then compares the two under the same load and allocator state (on a shared machine a
+    copy timed once, minutes earlier, moved the shares by 2x between runs)."""
+    times, copy_times = [], []
+    timed(fn, device, 1)  # warm up (and compile) outside the measured repeats
+    timed(copy, device, 1)
+    for _ in range(repeats):
+        copy_times.append(timed(copy, device, 1, warmup=0))
+        times.append(timed(fn, device, 1, warmup=0))
+    return statistics.median(times), min(times), statistics.median(copy_times), min(copy_times)
+
+
 def bench_operands(device, shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int) -> list[dict]:
     """Each quantizer against a copy of the same operand, reference (torch) and fused (auto) paths."""
     rows = []
     for shape in shapes:
         x = torch.randn(*shape, device=device.torch_device, dtype=dtype)
-        copy_med, copy_best = timed_pair(lambda x=x: x.clone(), device, repeats)
+        copy = lambda x=x: x.clone()  # noqa: E731
+        copy_med, copy_best = timed_pair(copy, device, repeats)
         size = "x".join(map(str, shape))
         rows.append({"shape": size, "op": "copy (reference)", "fmt": "-", "rounding": "-", "backend": "-",
-                     "seconds": copy_med, "best_seconds": copy_best, "pct_of_copy": 100.0, "best_pct_of_copy": 100.0})
+                     "seconds": copy_med, "best_seconds": copy_best, "copy_seconds": copy_med,
+                     "pct_of_copy": 100.0, "best_pct_of_copy": 100.0})
+
+        def row(op, fmt, rounding, backend, fn, copy=copy, size=size):
+            med, best, c_med, c_best = timed_with_copy(fn, copy, device, repeats)
+            rows.append({"shape": size, "op": op, "fmt": fmt, "rounding": rounding, "backend": backend,
+                         "seconds": med, "best_seconds": best, "copy_seconds": c_med,
+                         "pct_of_copy": 100 * c_med / med, "best_pct_of_copy": 100 * c_best / best})
+
         for fmt in ("fp8_e4m3", "fp8_e5m2", "nvfp4"):
             for rounding in ("nearest", "stochastic"):
                 for backend in ("torch", "auto"):
                     for op, call in (("fake_quantize", fake_quantize), ("quantize", quantize)):
                         gen = SRGenerator(0)
-                        med, best = timed_pair(lambda x=x, c=call, f=fmt, r=rounding, b=backend, g=gen:
-                                               c(x, f, rounding=r, generator=g, backend=b), device, repeats)
-                        rows.append({"shape": size, "op": op, "fmt": fmt, "rounding": rounding, "backend": backend,
-                                     "seconds": med, "best_seconds": best, "pct_of_copy": 100 * copy_med / med,
-                                     "best_pct_of_copy": 100 * copy_best / best})
+                        row(op, fmt, rounding, backend, lambda x=x, c=call, f=fmt, r=rounding, b=backend, g=gen:
+                            c(x, f, rounding=r, generator=g, backend=b))
                     if rounding == "nearest":  # what backward does with a saved operand: back to x's dtype
                         qt = quantize(x, fmt, backend="torch")
-                        med, best = timed_pair(lambda qt=qt, b=backend: qt.dequantize(dtype, backend=b), device, repeats)
-                        rows.append({"shape": size, "op": "dequantize", "fmt": fmt, "rounding": "-", "backend": backend,
-                                     "seconds": med, "best_seconds": best, "pct_of_copy": 100 * copy_med / med,
-                                     "best_pct_of_copy": 100 * copy_best / best})
+                        row("dequantize", fmt, "-", backend, lambda qt=qt, b=backend: qt.dequantize(dtype, backend=b))
     return rows
 
 
@@ -238,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         profile_quantizers(device, (4096, 704), dtype)
     operands = bench_operands(device, shapes, dtype, args.repeats)
     if operands:
-        print(f"per operand ({args.dtype}): median seconds and % of a copy's throughput (best repeat alongside)")
-        print_table(operands, ["shape", "op", "fmt", "rounding", "backend", "seconds", "pct_of_copy", "best_pct_of_copy"])
+        print(f"per operand ({args.dtype}): median seconds and % of the throughput of a copy timed alongside "
+              "(best repeats alongside)")
+        print_table(operands, ["shape", "op", "fmt", "rounding", "backend", "seconds", "copy_seconds", "pct_of_copy",
+                               "best_pct_of_copy"])
         print()
 
     if args.only_operands:

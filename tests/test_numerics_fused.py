@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from megatron_lowp.errors import UserError
-from megatron_lowp.numerics import SRGenerator, cpu_compile, fake_quantize, fused_cpu, fused_dispatch, quantize
+from megatron_lowp.numerics import (
+    SRGenerator,
+    cpu_compile,
+    cpu_sr,
+    fake_quantize,
+    fused_cpu,
+    fused_dispatch,
+    quantize,
+    sr_random,
+)
 from megatron_lowp.numerics.formats import TORCH_DTYPES
 
 pytestmark = pytest.mark.filterwarnings("error:torch.compile of")
@@ -135,21 +144,67 @@ def nvfp4_data(shape, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("rounding,axis", [("stochastic", 0), SLOW("stochastic", -1), SLOW("nearest", 0),
-                                           SLOW("nearest", -1)])
-def test_nvfp4_along_either_axis(rounding, axis):
-    x = nvfp4_data((48, 64), seed=4)
+@pytest.mark.parametrize("rounding,axis,dtype", [
+    ("stochastic", 0, torch.float32),  # blocks across rows: neighbours in a byte are two rows
+    ("nearest", -1, torch.bfloat16),  # along rows: neighbours read as one 32-bit word
+    SLOW("stochastic", -1, torch.float32),  # ... one 64-bit word
+    SLOW("nearest", 0, torch.float32),
+    SLOW("stochastic", -1, torch.float16),  # converted to float32 words
+    SLOW("stochastic", 0, torch.bfloat16),
+])
+def test_nvfp4_along_either_axis(rounding, axis, dtype):
+    x = nvfp4_data((48, 64), seed=4).to(dtype)
     assert_both_paths_match(x, "nvfp4", rounding, axis=axis)
 
 
+def e2m1_table() -> torch.Tensor:
+    """Every E2M1 grid value, midpoint (ties to even) and one float32 ulp either side of it, values
+    past 6 and -0, with both signs, in blocks of 16 that each hold a 6: with the outlier 2688 in the
+    last block, S = 1 and every other block's d is 1, so the elements reach the rounding unscaled."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                      torch.tensor([6.5, 7.0, 100.0, 0.1, 1e-30])])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    vals = torch.cat([vals, torch.zeros(-len(vals) % 15)]).view(-1, 15)
+    blocks = torch.cat([torch.full((len(vals), 1), 6.0), vals], dim=1)
+    outlier = torch.zeros(1, 16)
+    outlier[0, 5] = 2688.0
+    return torch.cat([blocks, outlier]).reshape(-1, 32)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_every_e2m1_point_midpoint_and_neighbour(rounding):
+    x = e2m1_table()
+    assert_both_paths_match(x, "nvfp4", rounding)
+    q = quantize(x, "nvfp4", rounding=rounding, backend="inductor")
+    nibbles = torch.cat([q.data & 0xF, q.data >> 4]).unique()
+    assert nibbles.numel() == 16 and float(q.tensor_scale) == 1.0  # every code, unscaled
+
+
+def test_nvfp4_words_from_an_odd_storage_offset():
+    """A contiguous view that starts between two words (it is copied first) gives the same bits."""
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.cat([torch.ones(1), nvfp4_data((16, 32), seed=8).reshape(-1)]).to(dtype)
+        x = base[1:].view(16, 32)
+        assert x.storage_offset() == 1
+        ref, got = both(quantize, x, "nvfp4", "stochastic")
+        assert_same_qt(got, ref)
+
+
+@pytest.mark.parametrize("axis", [-1, SLOW(0)])
+def test_nvfp4_tiles(axis):
+    """16 x 16 tiles (one scale per tile, stored per block), whichever axis the blocks run along; the
+    data's block maxima differ within each tile."""
+    assert_both_paths_match(nvfp4_data((32, 48), seed=5), "nvfp4", "nearest", axis=axis, tile=True)
+
+
 @pytest.mark.slow
-def test_nvfp4_tiles_fixed_and_off_tensor_scales_and_other_blocks():
+def test_nvfp4_fixed_and_off_tensor_scales_and_other_blocks():
     x = nvfp4_data((32, 48), seed=5)
-    for axis in (-1, 0):  # 16 x 16 tiles, whichever axis the blocks run along
-        assert_both_paths_match(x, "nvfp4", "nearest", axis=axis, tile=True)
     assert_both_paths_match(x, "nvfp4", "stochastic", tensor_scale="fixed", tensor_amax=3.0)
     assert_both_paths_match(x / 64, "nvfp4", "nearest", tensor_scale="off")
-    assert_both_paths_match(x.to(torch.bfloat16), "nvfp4", "nearest", block_size=32)
+    assert_both_paths_match(nvfp4_data((16, 64), seed=7).to(torch.bfloat16), "nvfp4", "nearest", block_size=32)
     assert_both_paths_match(nvfp4_data((2, 32, 3), seed=6), "nvfp4", "stochastic", axis=1)
     z = torch.zeros(16, 32)
     assert_both_paths_match(z, "nvfp4", "nearest")  # amax 0: S = 1, every block scale 0
@@ -187,6 +242,31 @@ def test_sr_stream_continues_across_calls_and_backends():
         assert_same_qt(quantize(x1, fmt, rounding="stochastic", generator=g_mix, backend="inductor"), r1)
         assert_same_qt(quantize(x2, fmt, rounding="stochastic", generator=g_mix, backend="torch"), r2)
         assert g_mix.state_dict() == g_ref.state_dict() == {"seed": 2**40 + 3, "offset": 17 + x1.numel() + x2.numel()}
+
+
+def test_int32_hash_draws_the_reference_uniforms():
+    """cpu_sr's int32 hash, eager and compiled, gives sr_random's uniforms bit for bit, every one (a
+    quantized result hides most single-draw errors): counters whose low word wraps inside the draw,
+    a high word past 2^31 once k1 is added, rows of 16 and a flat layout."""
+    seed = 2**40 + 9
+    compiled = torch.compile(cpu_sr.uniform, dynamic=True)
+    for offset in (0, 2**32 - 5, 2**32 - 64, 2**33 + 7, 2**62 + 3):
+        sr = torch.tensor(cpu_sr.sr_words(offset, *sr_random._keys(seed)), dtype=torch.int32)
+        for outer, inner in (((6,), (16,)), ((), (7, 13))):
+            ref = sr_random.uniform(seed, offset, outer + inner)
+            idx = cpu_sr.counters(outer, inner, torch.device("cpu"))
+            for fn in (cpu_sr.uniform, compiled):
+                assert torch.equal(bits(fn(sr, idx)), bits(ref)), (offset, outer, inner)
+
+
+@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**33 + 7, 2**62 + 3])
+def test_sr_counters_at_word_boundaries(offset):
+    """The counter's low word wrapping inside a call, a high word past 2^31 after adding k1, and both
+    FP8 layouts (rows of 16, and a size 16 does not divide: one flat row)."""
+    for x, fmt in ((wide((8, 16), seed=12), "fp8_e5m2"), (wide((7, 13), seed=13), "fp8_e5m2"),
+                   (nvfp4_data((4, 32), seed=14), "nvfp4")):
+        ref, got = both(quantize, x, fmt, "stochastic", gen_state=(2**40 + 9, offset))
+        assert_same_qt(got, ref)
 
 
 def test_auto_uses_inductor_for_large_cpu_tensors_only(monkeypatch):
@@ -274,6 +354,9 @@ def test_dequantize_backend_choice():
     assert fused_dispatch.dequantize_backend(big, "auto") == "inductor"
     small = quantize(torch.randn(16, 32), "nvfp4")
     assert fused_dispatch.dequantize_backend(small, "auto") == "torch"
+    e5m2 = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "fp8_e5m2")
+    assert fused_dispatch.dequantize_backend(e5m2, "auto") == "torch"  # torch's E5M2 cast is the faster
+    assert fused_dispatch.dequantize_backend(e5m2, "inductor") == "inductor"
     channel = quantize(torch.randn(16, 32), "fp8_e4m3", scaling="channel")
     with pytest.raises(UserError, match="cannot dequantize this fp8_e4m3 tensor: only a per-tensor"):
         channel.dequantize(backend="inductor")

@@ -17,6 +17,8 @@ checkpoints so a resumed run continues the identical stream.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megatron_lowp.errors import UserError
@@ -53,6 +55,7 @@ def _check_seed(seed: int) -> int:
     return seed
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the seed, ~0.2 ms of small torch ops per call
 def _keys(seed: int) -> tuple[int, int]:
     k0 = _fmix32_int((seed & _MASK32) ^ 0x9E3779B9)
     k1 = _fmix32_int(((seed >> 32) & _MASK32) ^ k0 ^ 0x7F4A7C15)
