@@ -173,7 +173,7 @@ def e2m1_table() -> torch.Tensor:
     return torch.cat([blocks, outlier]).reshape(-1, 32)
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", SLOW("stochastic")])  # SR NVFP4 stays in the default run below
 def test_nvfp4_every_e2m1_point_midpoint_and_neighbour(rounding):
     x = e2m1_table()
     assert_both_paths_match(x, "nvfp4", rounding)
