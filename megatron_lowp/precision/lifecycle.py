@@ -104,7 +104,7 @@ class QuantizedLifecycle:
             # said once, so a missing grad_noise.jsonl row is never a silent surprise
             self._notes.append(f"precision.grad_noise.every = {self.settings.grad_noise.every}: the gradient-noise "
                                f"monitor does not run on {engine} (its module holds no whole gradients); it runs on "
-                               "single and ddp, with or without parallel.tp")
+                               "single (with or without parallel.tp) and ddp")
 
     # --- per step -------------------------------------------------------------------------------
     def _qaf_reason(self, step: int, tokens: int) -> str | None:
