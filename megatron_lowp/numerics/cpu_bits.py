@@ -50,7 +50,7 @@ def grid_magnitude(a: torch.Tensor, c: tuple, u: torch.Tensor | None) -> torch.T
     if u is None:
         return torch.round(scaled) * ulp
     low = torch.floor(scaled)
-    return (low + (u < scaled - low).to(torch.float32)) * ulp
+    return torch.where(u < scaled - low, low + 1, low) * ulp
 
 
 def code(v: torch.Tensor, c: tuple) -> torch.Tensor:
