@@ -98,6 +98,18 @@ def test_fp8_every_code_midpoint_and_neighbour(fmt, flavour):
     assert (bits(ref.data) & 0x7F).unique().numel() > 100  # the table really covers the codes
 
 
+def test_sr_rounds_up_only_when_the_uniform_is_below_the_fraction():
+    """x = u * 2^-9 (E4M3's subnormal spacing) with u each element's own draw: the fraction equals the
+    uniform exactly, so no element may round up (u < frac, strictly); a random table almost never
+    has a tie. With scale 1, 65 elements (one flat row)."""
+    seed, offset = 5, 2**32 - 20
+    u = sr_random.uniform(seed, offset, (5, 13))
+    x = u * 2.0**-9
+    ref, got = both(quantize, x, "fp8_e4m3", "stochastic", gen_state=(seed, offset), scale=1.0)
+    assert_same_qt(got, ref)
+    assert (bits(got.data) == 0).all() and (u > 0).all()
+
+
 @pytest.mark.parametrize("fmt,rounding,power_of_two,dtype", [
     SLOW("fp8_e4m3", "nearest", False, torch.float32),
     ("fp8_e4m3", "stochastic", True, torch.float32),

@@ -11,7 +11,8 @@ without frexp, ldexp, logarithms or a lookup table:
   a / ulp to an integer (nearest-even, or up with probability frac for stochastic rounding) and
   multiplying back gives round_to_format's bits;
 * code of a normal grid value: E - 127 + b in the exponent field and the top m mantissa bits, which is
-  float32 bits >> (23 - m) minus (127 - b) << m; a subnormal's code is value / min subnormal;
+  float32 bits >> (23 - m) minus (127 - b) << m; a subnormal's code is value / min subnormal; for
+  round-to-nearest the code is also read without the grid value, rounding the bits as integers;
 * decode: the same fields written back into float32 bits (normals) or code * min subnormal.
 
 Sign bits are copied as bits (copysign would call a library function per vector). The torch
@@ -49,7 +50,7 @@ def grid_magnitude(a: torch.Tensor, c: tuple, u: torch.Tensor | None) -> torch.T
     if u is None:
         return torch.round(scaled) * ulp
     low = torch.floor(scaled)
-    return (low + (u < scaled - low).to(torch.float32)) * ulp
+    return torch.where(u < scaled - low, low + 1, low) * ulp
 
 
 def code(v: torch.Tensor, c: tuple) -> torch.Tensor:
@@ -58,6 +59,18 @@ def code(v: torch.Tensor, c: tuple) -> torch.Tensor:
     man, bias, min_normal, inv_min_sub = c[2], c[3], c[4], c[5]
     normal = (v.view(torch.int32) >> (23 - man)) - ((127 - bias) << man)
     return torch.where(v >= min_normal, normal, (v * inv_min_sub).to(torch.int32))
+
+
+def code_nearest(a: torch.Tensor, c: tuple) -> torch.Tensor:
+    """code(grid_magnitude(a, c, None)) for float32 a >= 0, rounded in the integer domain: for normals,
+    adding half an ulp less one, plus the lowest kept bit (ties to even), to the float32 bits and
+    shifting the cut bits out (a carry moves into the exponent, as it should); subnormals round
+    a / min subnormal. About half the instructions of rounding on the grid, then coding."""
+    maxv, man, bias, min_normal, inv_min_sub = c[0], c[2], c[3], c[4], c[5]
+    a = torch.clamp(a, max=maxv)  # max is on the grid: nothing rounds past it
+    bits, cut = a.view(torch.int32), 23 - man
+    normal = ((bits + ((1 << (cut - 1)) - 1) + ((bits >> cut) & 1)) >> cut) - ((127 - bias) << man)
+    return torch.where(a >= min_normal, normal, torch.round(a * inv_min_sub).to(torch.int32))
 
 
 def decode(codes: torch.Tensor, c: tuple, mag_mask: int, special: int | None) -> torch.Tensor:

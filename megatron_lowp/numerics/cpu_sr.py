@@ -39,9 +39,9 @@ def uniform(sr: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     """sr_random's uniforms (float32) for counters offset + outer + inner, idx = (outer, inner) from
     counters(); sr = sr_words(...) as an int32 tensor (a tensor, so a new offset is no recompile)."""
     outer, inner = idx
-    carry = (inner >= (sr[1] - outer)).to(torch.int32)
     lo = (outer + sr[0]) + inner  # wraps mod 2^32, as the counter's low word does
-    h = _fmix32(_fmix32(lo ^ sr[2]) + (sr[3] + carry))
+    wrapped = ((sr[1] - 1 - outer) - inner) >> 31  # -1 from the first idx whose low word wrapped, else 0
+    h = _fmix32(_fmix32(lo ^ sr[2]) + (sr[3] - wrapped))
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 

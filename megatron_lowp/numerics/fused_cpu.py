@@ -41,6 +41,7 @@ from megatron_lowp.numerics.blocks import NVFP4_GLOBAL
 from megatron_lowp.numerics.cpu_bits import (
     F32_MAX,
     code,
+    code_nearest,
     consts,
     decode,
     grid_magnitude,
@@ -69,11 +70,14 @@ def _fp8_graph(fmt: FloatFormat, power_of_two: bool, codes: bool, out_dtype: tor
         amax = x32.abs().amax()
         s = scale_from_amax(amax, c[0], power_of_two) if scale is None else scale
         y = x32 * s
+        sign = (y.view(torch.int32) >> 24) & 0x80
+        if codes and sr is None:
+            return to_uint8(code_nearest(y.abs(), c) | sign), s, amax
         cut = 1 if rows else 0
         u = None if sr is None else uniform(sr, counters(x32.shape[:cut], x32.shape[cut:], x32.device))
         v = grid_magnitude(y.abs(), c, u)
         if codes:
-            return to_uint8(code(v, c) | ((y.view(torch.int32) >> 24) & 0x80)), s, amax
+            return to_uint8(code(v, c) | sign), s, amax
         return (with_sign(v, y) / s).to(out_dtype), s, amax
 
     return fp8
@@ -142,10 +146,14 @@ def _nvfp4_graph(bs: int, tile: bool, scale_off: bool, codes: bool, words: torch
         out = []
         for k, part in enumerate(parts):  # the odd elements' counters are post past the even ones'
             y = part * e
+            sign = (y.view(torch.int32) >> 28) & 0x8
+            if codes and sr is None:
+                out.append(code_nearest(y.abs(), e2m1) | sign)
+                continue
             v = grid_magnitude(y.abs(), e2m1, None if sr is None else uniform(sr, (idx[0], idx[1] + k * post)))
             if not codes:
                 return ((with_sign(v, y) * d) / S).to(out_dtype), S, amax, e, d
-            out.append(code(v, e2m1) | ((y.view(torch.int32) >> 28) & 0x8))
+            out.append(code(v, e2m1) | sign)
         packed = to_uint8(out[0] | (out[1] << 4)).permute(0, 3, 1, 2)  # the stored layout: block axis last
         scales = to_uint8(code(d, e4m3)).permute(0, 3, 1, 2)
         pre = packed.shape[0]
