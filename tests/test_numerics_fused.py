@@ -361,6 +361,38 @@ def test_dequantize_of_quantized_data_in_bf16(fmt, axis):
     assert same_values(qt.dequantize(torch.bfloat16, backend="inductor"), qt.dequantize(torch.bfloat16, backend="torch"))
 
 
+@pytest.mark.parametrize("axis,dtype", [(-1, torch.float32), (-1, torch.bfloat16), (0, torch.float32),
+                                         (0, torch.bfloat16), SLOW(-1, torch.float16)])
+def test_nvfp4_dequantize_every_byte_and_scale(axis, dtype):
+    """Every packed byte (two E2M1 codes) under every E4M3 block scale byte (NaN 0x7F included), with
+    tensor scales that make the outputs subnormal, huge or overflow, or put powers of two exactly half
+    way between two bfloat16 values (ties to even, down and up), through the pairs graph
+    (blocks along the last axis: two outputs per word) and the transposing graph (axis 0)."""
+    from megatron_lowp.numerics import QuantizedTensor
+
+    data = torch.arange(256, dtype=torch.uint8).reshape(32, 8).repeat(128, 1)  # 32 blocks of 8 bytes per scale
+    scale = torch.arange(128, dtype=torch.uint8).repeat_interleave(32).reshape(4096, 1).view(torch.float8_e4m3fn)
+    shape = torch.Size((4096, 16)) if axis == -1 else torch.Size((16, 4096))
+    # float32 tensor scales whose reciprocals 1 + 2^-8 and 1 + 3 * 2^-8 are bfloat16 ties, even and odd below
+    ties = {0.9961089491844177: 1 + 2**-8, 0.9884169697761536: 1 + 3 * 2**-8}
+    assert all((torch.tensor(1.0) / torch.tensor(t)).item() == w for t, w in ties.items())
+    for ts in (1.0, 2688 / 3.7, *ties, 1e30, 1e-30, 3.3e-38):
+        qt = QuantizedTensor("nvfp4", data, scale, torch.tensor(ts), shape, axis % 2, torch.float32,
+                             {"block_size": 16, "scale_rounding": "decode"})
+        ref, got = qt.dequantize(dtype, backend="torch"), qt.dequantize(dtype, backend="inductor")
+        assert same_values(got, ref) and torch.isnan(ref).any(), ts
+
+
+def test_nvfp4_dequantize_of_fused_layout():
+    """The fused quantize along axis 0 stores its codes as a transposed view (the layout the dequantize
+    graph reads); dequantized, they equal the reference's, in both compute dtypes."""
+    x = nvfp4_data((64, 48), seed=13)
+    qt = quantize(x, "nvfp4", axis=0, backend="inductor")
+    assert not qt.data.is_contiguous()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert same_values(qt.dequantize(dtype, backend="inductor"), qt.dequantize(dtype, backend="torch"))
+
+
 def test_dequantize_backend_choice():
     big = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "nvfp4")
     assert fused_dispatch.dequantize_backend(big, "auto") == "inductor"
