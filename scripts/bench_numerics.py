@@ -112,6 +112,9 @@ def bench_operands(device, shapes: list[tuple[int, int]], dtype: torch.dtype, re
                     if rounding == "nearest":  # what backward does with a saved operand: back to x's dtype
                         qt = quantize(x, fmt, backend="torch")
                         row("dequantize", fmt, "-", backend, lambda qt=qt, b=backend: qt.dequantize(dtype, backend=b))
+                    if rounding == "nearest" and fmt == "nvfp4":  # x_t and w_t: blocks along axis 0, as saved
+                        qt = quantize(x, fmt, axis=0)
+                        row("dequantize (axis 0)", fmt, "-", backend, lambda qt=qt, b=backend: qt.dequantize(dtype, backend=b))
     return rows
 
 
