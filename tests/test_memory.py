@@ -145,3 +145,51 @@ def test_compare_shows_the_measured_ledgers_side_by_side(measured, tmp_path):
     assert fp8["linear_inputs_vs_baseline"] == pytest.approx(
         measured("fp8")[1].linear_inputs() / measured("bf16")[1].linear_inputs())
     assert math.isfinite(fp8["categories"]["activations"])
+
+
+def test_first_calls_count_the_memory_they_keep_not_their_outputs():
+    """cpu_compile.first_call_measured: what a first call keeps resident (a compiler's caches and code)
+    counts; its outputs and every later call of the same key do not."""
+    from megatron_lowp.numerics import cpu_compile
+
+    if cpu_compile.resident_bytes() is None:
+        pytest.skip("no /proc/self/statm here")
+    kept = []
+    before = dict(cpu_compile.COMPILED)
+    out = cpu_compile.first_call_measured(("test", "keeps"), lambda: (kept.append(torch.ones(2**24)), torch.ones(2**24))[1])
+    grown = cpu_compile.COMPILED["rss_bytes"] - before["rss_bytes"]
+    assert cpu_compile.COMPILED["graphs"] == before["graphs"] + 1
+    assert 0.9 * 2**26 <= grown <= 1.5 * 2**26  # the kept 64 MiB, not the 64 MiB returned
+    cpu_compile.first_call_measured(("test", "keeps"), lambda: kept.append(torch.ones(2**24)))
+    assert cpu_compile.COMPILED == {"graphs": before["graphs"] + 1, "rss_bytes": before["rss_bytes"] + grown}
+    del out, kept
+
+
+def test_the_cpu_ledger_notes_what_compiling_kept(tmp_path, monkeypatch):
+    """On the CPU, memory.json names the resident memory compiling took, outside every category; the
+    side-by-side table names the runs a note belongs to."""
+    from megatron_lowp.device import get_device
+    from megatron_lowp.memory.ledger import ledger_table
+    from megatron_lowp.memory.measure import MemoryWatch
+    from megatron_lowp.numerics import cpu_compile
+
+    monkeypatch.setitem(cpu_compile.COMPILED, "graphs", 3)
+    monkeypatch.setitem(cpu_compile.COMPILED, "rss_bytes", 81 * 2**20)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    watch = MemoryWatch(model, opt, get_device("cpu"), tmp_path, enabled=True, meta={"recipe": "fp8"})
+    with watch.saved_tensors(1, 0):
+        loss = model(torch.randn(4, 8)).square().sum()
+    loss.backward()
+    watch.after_backward(1)
+    opt.step()
+    watch.after_step(1)
+    record = read_measured(tmp_path)
+    assert record["compiled_numerics"] == {"graphs": 3, "rss_bytes": 81 * 2**20}
+    note = [n for n in record["measured"]["notes"] if n.startswith("outside every category")]
+    assert len(note) == 1 and "81.0 MiB" in note[0] and "3 numerics graph(s)" in note[0]
+    plain = Ledger.from_dict(record["measured"])
+    plain.notes = [n for n in plain.notes if not n.startswith("outside")]
+    table = ledger_table({"bf16": plain, "fp8": Ledger.from_dict(record["measured"])})
+    assert f"- fp8: {note[0]}" in table  # only fp8's ledger has it: named
+    assert "\n- largest_transient: not measured" in table  # both have it: once, unnamed

@@ -86,7 +86,11 @@ def ledger_table(columns: dict[str, Ledger]) -> str:
               "| where | role | stored as | blocks | MiB |", "|---|---|---|---|---|"]
     for where, role, fmt, blocks, nbytes in grouped_rows(first.rows):
         lines.append(f"| {where} | {role} | {fmt} | {blocks} | {mib(nbytes)} |")
-    notes = [n for ledger in columns.values() for n in ledger.notes]
-    if notes:
-        lines += ["", *[f"- {n}" for n in dict.fromkeys(notes)]]
+    holders: dict[str, list[str]] = {}  # each note once, naming its ledgers unless every one has it
+    for name, ledger in columns.items():
+        for n in ledger.notes:
+            holders.setdefault(n, []).append(name)
+    if holders:
+        lines += ["", *[f"- {n}" if len(who) == len(names) else f"- {', '.join(who)}: {n}"
+                        for n, who in holders.items()]]
     return "\n".join(lines) + "\n"

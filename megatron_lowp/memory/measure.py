@@ -5,7 +5,8 @@
 - gradients: the .grad tensors after that step's backward; optimizer state: the optimizer's state
   tensors after its update; parameters: the parameters (local shards under FSDP);
 - largest transient: where the device's allocator reports a peak (`Device.memory_stats`), that peak
-  minus everything above; on the CPU there is no such statistic (its peak RSS is reported instead).
+  minus everything above; on the CPU there is no such statistic (its peak RSS is reported instead,
+  with a note of what compiling the numerics graphs added to it: memory that is no tensor's).
 
 Written to RUN_DIR/memory.json after the first step, then again at the end with the run's peak.
 `megatron-lowp memory RECIPE --measured RUN_DIR` sets it beside the prediction; `compare` shows the
@@ -23,6 +24,7 @@ from torch import nn
 
 from megatron_lowp.memory.ledger import Ledger
 from megatron_lowp.memory.saved import SavedTensors
+from megatron_lowp.numerics.cpu_compile import COMPILED
 
 MEMORY_JSON = "memory.json"
 
@@ -85,8 +87,14 @@ class MemoryWatch:
             ledger.categories["largest_transient"] = max(0, stats["peak_allocated"] - ledger.total)
         else:
             ledger.notes.append("largest_transient: not measured (the CPU allocator keeps no peak; see peak_rss)")
+            if COMPILED["graphs"]:  # host memory that no tensor category holds, and that bf16 does not pay
+                ledger.notes.append(
+                    f"outside every category: {COMPILED['rss_bytes'] / 2**20:,.1f} MiB of resident memory went to "
+                    f"compiling {COMPILED['graphs']} numerics graph(s) (inductor's modules, caches and kernel "
+                    "code, measured around their first calls); it is part of peak_rss, once per process")
         self.record = {**self.meta, "step": step, "measured": ledger.as_dict(),
-                       "memory_stats_before_first_step": self.stats_before, "memory_stats_first_step": stats}
+                       "memory_stats_before_first_step": self.stats_before, "memory_stats_first_step": stats,
+                       "compiled_numerics": dict(COMPILED)}
         self.saved = None
         self._write()
 

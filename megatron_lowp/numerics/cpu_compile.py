@@ -17,11 +17,51 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 COMPILE_MIN_NUMEL = 1 << 16
 RECOMPILE_LIMIT = 64
+
+# What compiling costs in host memory, for the memory ledger: the resident-set growth around the first
+# call of each compiled function (inductor's modules and caches, the generated kernels' code, the
+# graphs), less the bytes of that call's outputs. No tensor category holds it.
+COMPILED = {"graphs": 0, "rss_bytes": 0}
+_CALLED: set = set()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _tensor_bytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.untyped_storage().nbytes()
+    if isinstance(out, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in out)
+    return 0
+
+
+def first_call_measured(key, call: Callable[[], Any]) -> Any:
+    """call(); the first time `key` (a compiled function's identity) is seen in this process, its
+    resident-set growth, outputs excluded, is added to COMPILED: creating the compiled function, tracing,
+    compiling and loading the kernel all fall inside."""
+    if key in _CALLED:
+        return call()
+    before = resident_bytes()
+    out = call()
+    _CALLED.add(key)
+    after = resident_bytes()
+    COMPILED["graphs"] += 1
+    if before is not None and after is not None:
+        COMPILED["rss_bytes"] += max(0, after - before - _tensor_bytes(out))
+    return out
 
 
 def enabled() -> bool:
@@ -48,7 +88,7 @@ def cpu_compiled(fn: Callable) -> Callable:
         fast = compiled() if on_cpu and numel >= COMPILE_MIN_NUMEL else None
         if fast is not None:
             try:
-                return fast(*args, **kwargs)
+                return first_call_measured(fn, lambda: fast(*args, **kwargs))
             except Exception as err:  # a missing compiler or an inductor limitation: eager gives the same bits
                 warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
                               "using eager torch ops", stacklevel=2)

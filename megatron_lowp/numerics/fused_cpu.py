@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lowp.numerics import cpu_compile
 from megatron_lowp.numerics.blocks import NVFP4_GLOBAL
 from megatron_lowp.numerics.cpu_bits import (
     F32_MAX,
@@ -236,8 +237,11 @@ def _run(factory: Callable, static: tuple, *args):
     # The closed-over numbers must be constants of the graph: left symbolic (dynamo's default for
     # floats), graphs of two formats looked alike and one format's constants served the other
     # (measured: E5M2 calls saturating at E4M3's 448). Tensor sizes stay dynamic.
-    with torch._dynamo.config.patch(specialize_float=True, specialize_int=True):
-        return _compiled(factory, *static)(*args)
+    def call():
+        with torch._dynamo.config.patch(specialize_float=True, specialize_int=True):
+            return _compiled(factory, *static)(*args)
+
+    return cpu_compile.first_call_measured((factory, static), call)
 
 
 def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *, fmt: FloatFormat,
