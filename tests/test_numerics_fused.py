@@ -338,17 +338,25 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
         bits(a[~nan]), bits(b[~nan]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, SLOW(torch.float8_e5m2)])
-def test_fp8_dequantize_every_code(dtype):
-    """All 256 bytes (NaN, inf, subnormals and -0 included) under a power-of-two and an odd scale."""
+# float32 scales whose reciprocals 1 + 2^-8 and 1 + 3 * 2^-8 put powers of two on bfloat16 ties (even, odd below)
+BF16_TIE_SCALES = {0.9961089491844177: 1 + 2**-8, 0.9884169697761536: 1 + 3 * 2**-8}
+
+
+@pytest.mark.parametrize("dtype,out", [(torch.float8_e4m3fn, torch.float32), (torch.float8_e4m3fn, torch.bfloat16),
+                                       SLOW(torch.float8_e5m2, torch.float32), (torch.float8_e5m2, torch.bfloat16)])
+def test_fp8_dequantize_every_code(dtype, out):
+    """All 256 bytes (NaN, inf, subnormals and -0 included) under a power-of-two and an odd scale, and to
+    bfloat16 (four outputs per word, rounded in bits) under scales that make ties, subnormals and inf."""
     from megatron_lowp.numerics import QuantizedTensor
 
     data = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
     fmt = "fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2"
-    for scale in (0.5, 3.7):
+    assert all((torch.tensor(1.0) / torch.tensor(t)).item() == w for t, w in BF16_TIE_SCALES.items())
+    scales = (0.5, 3.7) + ((*BF16_TIE_SCALES, 1e-30, 1e30) if out == torch.bfloat16 else ())
+    for scale in scales:
         qt = QuantizedTensor(fmt, data, torch.tensor(scale), None, data.shape, 1, torch.float32, {})
-        ref, got = qt.dequantize(torch.float32, backend="torch"), qt.dequantize(torch.float32, backend="inductor")
-        assert same_values(got, ref) and torch.isnan(ref).any()
+        ref, got = qt.dequantize(out, backend="torch"), qt.dequantize(out, backend="inductor")
+        assert same_values(got, ref) and torch.isnan(ref).any(), scale
 
 
 @pytest.mark.parametrize("fmt,axis", [SLOW("fp8_e5m2", 0), ("nvfp4", 0), SLOW("nvfp4", -1)])
@@ -375,10 +383,7 @@ def test_nvfp4_dequantize_every_byte_and_scale(axis, dtype):
     data = torch.arange(256, dtype=torch.uint8).reshape(32, 8).repeat(128, 1)  # 32 blocks of 8 bytes per scale
     scale = torch.arange(128, dtype=torch.uint8).repeat_interleave(32).reshape(4096, 1).view(torch.float8_e4m3fn)
     shape = torch.Size((4096, 16)) if axis == -1 else torch.Size((16, 4096))
-    # float32 tensor scales whose reciprocals 1 + 2^-8 and 1 + 3 * 2^-8 are bfloat16 ties, even and odd below
-    ties = {0.9961089491844177: 1 + 2**-8, 0.9884169697761536: 1 + 3 * 2**-8}
-    assert all((torch.tensor(1.0) / torch.tensor(t)).item() == w for t, w in ties.items())
-    for ts in (1.0, 2688 / 3.7, *ties, 1e30, 1e-30, 3.3e-38):
+    for ts in (1.0, 2688 / 3.7, *BF16_TIE_SCALES, 1e30, 1e-30, 3.3e-38):
         qt = QuantizedTensor("nvfp4", data, scale, torch.tensor(ts), shape, axis % 2, torch.float32,
                              {"block_size": 16, "scale_rounding": "decode"})
         ref, got = qt.dequantize(dtype, backend="torch"), qt.dequantize(dtype, backend="inductor")
@@ -402,6 +407,7 @@ def test_dequantize_backend_choice():
     assert fused_dispatch.dequantize_backend(small, "auto") == "torch"
     e5m2 = quantize(torch.randn(cpu_compile.COMPILE_MIN_NUMEL // 64, 64), "fp8_e5m2")
     assert fused_dispatch.dequantize_backend(e5m2, "auto") == "torch"  # torch's E5M2 cast is the faster
+    assert fused_dispatch.dequantize_backend(e5m2, "auto", torch.bfloat16) == "inductor"  # not to bfloat16
     assert fused_dispatch.dequantize_backend(e5m2, "inductor") == "inductor"
     channel = quantize(torch.randn(16, 32), "fp8_e4m3", scaling="channel")
     with pytest.raises(UserError, match="cannot dequantize this fp8_e4m3 tensor: only a per-tensor"):

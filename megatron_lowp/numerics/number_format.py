@@ -64,7 +64,7 @@ class QuantizedTensor:
         CPU, fused_cpu.py), or "auto": inductor where it covers this tensor and it is large enough."""
         from megatron_lowp.numerics import fused_dispatch  # it imports this module
 
-        if fused_dispatch.dequantize_backend(self, backend) == "inductor":
+        if fused_dispatch.dequantize_backend(self, backend, dtype) == "inductor":
             return fused_dispatch.dequantize(self, dtype)
         return self.format.dequantize(self, dtype)
 
