@@ -46,8 +46,8 @@ from megatron_lowp.numerics import cpu_compile
 from megatron_lowp.numerics.blocks import NVFP4_GLOBAL
 from megatron_lowp.numerics.cpu_bits import (
     F32_MAX,
-    code,
     bfloat16_bits,
+    code,
     code_nearest,
     consts,
     decode,
@@ -197,8 +197,17 @@ def _fp8_dequant_quads_graph(fmt: FloatFormat, special: int) -> Callable:
     return fp8_dequant_quads
 
 
+_E2M1_CONSTS = consts(E2M1)  # read inside graphs: a plain tuple (dynamo warns on a cached call)
+
+
+def _nibble_values(data: torch.Tensor, d: torch.Tensor, tensor_scale: torch.Tensor):
+    """The float32 values (q * d) / S of the low and high E2M1 codes of packed bytes, d broadcasting."""
+    codes = data.to(torch.int32)
+    return tuple((decode(q, _E2M1_CONSTS, 0x7, None) * d) / tensor_scale for q in (codes & 0xF, codes >> 4))
+
+
 def _nvfp4_dequant_graph(bs: int, out_dtype: torch.dtype) -> Callable:
-    e2m1, e4m3 = consts(E2M1), consts(E4M3)
+    e4m3 = consts(E4M3)
 
     def nvfp4_dequant(data_t: torch.Tensor, scale_t: torch.Tensor, tensor_scale: torch.Tensor):
         """NVFP4.dequantize (decode convention) of packed codes and E4M3 block scale bytes given with the
@@ -208,31 +217,27 @@ def _nvfp4_dequant_graph(bs: int, out_dtype: torch.dtype) -> Callable:
         pre, nb, post = scale_t.shape
         half = nb * (bs // 2)
         torch._check(data_t.shape[1] == half)
-        d = data_t.to(torch.int32)
         s = decode(scale_t.to(torch.int32), e4m3, 0x7F, 0x7F)
         s = s.unsqueeze(2).expand(pre, nb, bs // 2, post).reshape(pre, half, post)  # a scale per bs / 2 rows
-        lo = (decode(d & 0xF, e2m1, 0x7, None) * s) / tensor_scale
-        hi = (decode(d >> 4, e2m1, 0x7, None) * s) / tensor_scale
+        lo, hi = _nibble_values(data_t, s, tensor_scale)
         return torch.stack([lo, hi], dim=2).reshape(pre, 2 * half, post).to(out_dtype)
 
     return nvfp4_dequant
 
 
 def _nvfp4_dequant_pairs_graph(bs: int, out_dtype: torch.dtype) -> Callable:
-    e2m1, e4m3 = consts(E2M1), consts(E4M3)
+    e4m3 = consts(E4M3)
     wide = out_dtype == torch.float32  # else bfloat16
 
     def nvfp4_dequant_pairs(data: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor):
         """nvfp4_dequant for blocks along the last axis (post == 1), written as words of two outputs:
-        codes (rows, nb, bs / 2) and scales (rows, nb) give int64 (float32 out) or int32 (16-bit out)
+        codes (rows, nb, bs / 2) and scales (rows, nb) give int64 (float32 out) or int32 (bfloat16 out)
         words (rows, nb, bs / 2) holding element 2i in the low half, x's layout once viewed as out_dtype.
         The unpacked codes never reach memory (the stacked form wrote them as int32, twice x's bytes,
         in a scalar loop)."""
         torch._check(data.shape[2] == bs // 2)  # a constant of the graph
-        d = data.to(torch.int32)
         s = decode(scale.to(torch.int32), e4m3, 0x7F, 0x7F).unsqueeze(-1)
-        lo = (decode(d & 0xF, e2m1, 0x7, None) * s) / tensor_scale
-        hi = (decode(d >> 4, e2m1, 0x7, None) * s) / tensor_scale
+        lo, hi = _nibble_values(data, s, tensor_scale)
         if wide:
             return (hi.view(torch.int32).to(torch.int64) << 32) | (lo.view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
         return (bfloat16_bits(hi) & -65536) | ((bfloat16_bits(lo) >> 16) & 0xFFFF)
@@ -262,6 +267,14 @@ def _run(factory: Callable, static: tuple, *args):
     return cpu_compile.first_call_measured((factory, static), call)
 
 
+# 16-bit x is read by the graphs as float32, converted before and the result cast back after: a graph
+# that reads or writes 16-bit floats runs on pairs of 8-lane vectors, which inductor moves through
+# stack buffers at every bit cast (measured at 4096 x 704 bfloat16, one thread: FP8 fake-quantize 15 ms
+# as is, 8.8 ms widened; packed codes 14 -> 4.8 ms). NVFP4 codes along the last axis read bfloat16
+# pairs as int32 words instead (_halves), which is faster still.
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *, fmt: FloatFormat,
         power_of_two: bool, codes: bool, out_dtype: torch.dtype):
     """Per-tensor FP8 of contiguous x: given scale (0-d float32) or None for current scaling; sr =
@@ -273,14 +286,6 @@ def fp8(x: torch.Tensor, scale: torch.Tensor | None, sr: torch.Tensor | None, *,
     out, s, amax = _run(_fp8_graph, (fmt, power_of_two, codes, torch.float32 if widen else out_dtype, rows),
                         x.view(-1, SR_ROW) if rows else x, scale, sr)
     return (out.to(out_dtype) if widen and not codes else out).view(shape), s, amax
-
-
-# 16-bit x is read by the graphs as float32, converted before and the result cast back after: a graph
-# that reads or writes 16-bit floats runs on pairs of 8-lane vectors, which inductor moves through
-# stack buffers at every bit cast (measured at 4096 x 704 bfloat16, one thread: FP8 fake-quantize 15 ms
-# as is, 8.8 ms widened; packed codes 14 -> 4.8 ms). NVFP4 codes along the last axis read bfloat16
-# pairs as int32 words instead (_halves), which is faster still.
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def nvfp4(x: torch.Tensor, tensor_amax: torch.Tensor | None, sr: torch.Tensor | None, *, axis: int, block_size: int,
